@@ -1,0 +1,43 @@
+"""The `stn-pipeline` command line.
+
+Each subcommand lives in its own module with `register(subparsers)`, which adds a parser and
+sets `func(args) -> int`. Modules import TensorFlow and TFX inside `func` only, so `--help`
+stays fast.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = []
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="stn-pipeline",
+        description="Train, evaluate and ship a Spatial Transformer Network classifier with TFX.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates or refreshes the project's virtual environment at .venv from constraints.txt.
+# Idempotent: skips the install when pyproject.toml and constraints.txt are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# tfx 1.16.0 declares Requires-Python <3.11 although its whole stack ships cp311 wheels.
+export PIP_IGNORE_REQUIRES_PYTHON=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "setup: Python 3.11 is required (found $("$PYTHON" --version 2>&1))" >&2; exit 1; }
+
+stamp=.venv/.installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
+.venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
+  || .venv/bin/python -m pip install --quiet --upgrade "pip<26"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "$want" > "$stamp"
+echo "setup: done" >&2

@@ -1,0 +1,11 @@
+"""Spatial Transformer Networks in TensorFlow / Keras 2 (Jaderberg et al., 2015)."""
+
+import os
+
+# Keras 2 (tf_keras) everywhere: TFX 1.16's libraries and MultiWorkerMirroredStrategy need it.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from stn_model.grids import affine_grid, projective_grid, tps_grid
+from stn_model.sampling import bilinear_sample
+
+__all__ = ["affine_grid", "bilinear_sample", "projective_grid", "tps_grid"]
