@@ -1,0 +1,239 @@
+"""An HTTP model server speaking TF Serving's REST API for the pushed SavedModels.
+
+Why this server: TF Serving's `tensorflow_model_server` binary cannot be obtained on the
+project's machines, and KServe's Python model server (kserve 0.15.2), which speaks the same
+REST API, needs pandas>=2.2 and so cannot share one environment with TFX 1.16 (pandas<2). This
+server is built on the standard library's ThreadingHTTPServer: it adds no dependency, and one
+thread per connection is enough because TensorFlow releases the GIL while it runs the model.
+In production TF Serving's own image (tensorflow/serving, also what KServe's TensorFlow
+predictor runs) reads the same `serving/<model_name>/<version>/` layout and answers the same
+requests, so clients need not change.
+
+Endpoints: `GET /v1/models/<name>[/versions/<N>]` (version status) and
+`POST /v1/models/<name>[/versions/<N>]:predict`.
+"""
+
+import json
+import logging
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import tensorflow as tf
+
+from pipeline.predict_codec import RequestError, format_predict_response, parse_predict_request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+_MODEL_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<verb>:[a-z]+)?$"
+)
+
+
+def _tf_error_message(error):
+    """The lines of a TensorFlow error that say what is wrong, without graph locations."""
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
+    lines = (line.strip() for line in error.message.splitlines())
+    return " ".join(line for line in lines if line and not line.startswith(noise))
+
+
+class ModelEndpoints:
+    """Answers status and predict requests for the model held by a `ModelRepository`."""
+
+    def __init__(self, repository):
+        self.repository = repository
+
+    def status(self, model_name, version):
+        """(HTTP status, TF Serving's version status JSON).
+
+        The model's status (no version asked) is 503 until some version is AVAILABLE, so it can
+        be a readiness probe; the body lists the versions either way.
+        """
+        self._check_name(model_name)
+        statuses = [
+            s for s in self.repository.statuses() if version is None or s.version == version
+        ]
+        if not statuses:
+            which = "any versions" if version is None else f"version {version}"
+            raise RequestError(f"Could not find {which} of model {model_name}", 404)
+        payload = {"model_version_status": [s.to_json() for s in statuses]}
+        if version is None and all(s.state != "AVAILABLE" for s in statuses):
+            payload["error"] = f"no version of model {model_name} is available"
+            return HTTPStatus.SERVICE_UNAVAILABLE, payload
+        return HTTPStatus.OK, payload
+
+    def predict(self, model_name, version, body):
+        self._check_name(model_name)
+        served = self.repository.served()
+        if served is None or (version is not None and version != served.version):
+            wanted = "Latest" if version is None else f"Specific({model_name}, {version})"
+            raise RequestError(f"Servable not found for request: {wanted}", 404)
+
+        def input_names_of(signature_name):
+            if signature_name not in served.signatures:
+                raise RequestError(
+                    f"signature_name {signature_name!r} not found; model version "
+                    f"{served.version} has {sorted(served.signatures)}"
+                )
+            return served.signatures[signature_name].structured_input_signature[1].keys()
+
+        request = parse_predict_request(body, input_names_of)
+        signature = served.signatures[request.signature_name]
+        specs = signature.structured_input_signature[1]
+        tensors = {
+            name: self._to_tensor(name, values, specs[name])
+            for name, values in request.inputs.items()
+        }
+        try:
+            outputs = signature(**tensors)
+        except tf.errors.InvalidArgumentError as error:  # e.g. bytes that are no image
+            raise RequestError(_tf_error_message(error)) from None
+        arrays = {name: tensor.numpy() for name, tensor in outputs.items()}
+        return format_predict_response(arrays, request.row_format)
+
+    def _check_name(self, model_name):
+        if model_name != self.repository.model_name:
+            raise RequestError(f"Servable not found for request: model {model_name!r}", 404)
+
+    @staticmethod
+    def _to_tensor(name, values, spec):
+        try:
+            tensor = tf.constant(values, dtype=spec.dtype)
+        except (TypeError, ValueError) as error:
+            raise RequestError(
+                f"input {name!r} is not a {spec.dtype.name} tensor: {error}"
+            ) from None
+        if not spec.shape.is_compatible_with(tensor.shape):
+            raise RequestError(f"input {name!r} has shape {tensor.shape}, expected {spec.shape}")
+        return tensor
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    server_version = "stn-model-server"
+    disable_nagle_algorithm = True  # headers and body are two writes: don't wait for an ACK
+
+    @property
+    def timeout(self):  # seconds a client may stall before its connection is closed
+        return self.server.request_timeout_seconds
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _answer(self, method):
+        try:
+            status, payload = self._route(method)
+        except RequestError as error:
+            status, payload = HTTPStatus(error.status), {"error": str(error)}
+        except Exception as error:  # a bug or a model failure: answer it, keep serving
+            log.exception("error answering %s %s", method, self.path)
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)}
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _route(self, method):
+        if method == "POST":  # settle the body first, so an early answer leaves no bytes unread
+            body = self._read_body()
+        match = _MODEL_PATH.match(self.path)
+        if not match:
+            raise RequestError(f"no such endpoint: {self.path}", 404)
+        name, verb = match["name"], match["verb"]
+        version = int(match["version"]) if match["version"] else None
+        endpoints = self.server.endpoints
+        if method == "GET" and verb is None:
+            return endpoints.status(name, version)
+        if method == "POST" and verb == ":predict":
+            return HTTPStatus.OK, endpoints.predict(name, version, body)
+        raise RequestError(f"{method} {self.path} is not supported (only status and :predict)", 405)
+
+    def _read_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise RequestError("a Content-Length header is required", 411)
+        if not length.isdigit():
+            self.close_connection = True
+            raise RequestError(f"Content-Length must be a byte count, got {length!r}")
+        limit = self.server.max_request_bytes
+        if int(length) > limit:
+            self.close_connection = True  # the body stays unread
+            raise RequestError(f"request body of {length} bytes exceeds the limit of {limit}", 413)
+        try:
+            return self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(
+                f"the request body did not arrive within {self.timeout} s", 408
+            ) from None
+
+
+class ModelServer(ThreadingHTTPServer):
+    """The HTTP server plus a thread that polls the model directory for new versions.
+
+    `start()` serves in background threads (tests, benchmarks); `serve_forever()` after
+    `start_polling()` serves in the calling thread (the CLI). `stop()` ends both.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        repository,
+        address=("127.0.0.1", 0),
+        poll_seconds=2.0,
+        max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+        request_timeout_seconds=60.0,
+    ):
+        for name, value in (
+            ("poll_seconds", poll_seconds),
+            ("max_request_bytes", max_request_bytes),
+            ("request_timeout_seconds", request_timeout_seconds),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        super().__init__(address, _Handler)
+        self.endpoints = ModelEndpoints(repository)
+        self.repository = repository
+        self.poll_seconds = poll_seconds
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout_seconds = request_timeout_seconds
+        self._stop_polling = threading.Event()
+        self._background_threads = []
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start_polling(self):
+        self._spawn(self.repository.poll_forever, self.poll_seconds, self._stop_polling)
+
+    def start(self):
+        self.start_polling()
+        self._spawn(self.serve_forever)
+
+    def stop(self):
+        self._stop_polling.set()
+        self.shutdown()
+        self.server_close()
+        for thread in self._background_threads:
+            thread.join()
+
+    def _spawn(self, target, *args):
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._background_threads.append(thread)

@@ -1,0 +1,551 @@
+"""The model server (`stn-pipeline serve`): a real server on loopback, real SavedModels.
+
+The served model is a fixed linear classifier with the serving contract, so every answer is
+checked against NumPy. Versions are pushed as TF Serving expects (copied, then renamed into
+place) and, in one test, as TFX's Pusher does (saved_model.pb copied last).
+"""
+
+import base64
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.special
+import tensorflow as tf
+from PIL import Image
+
+from pipeline import cli
+from pipeline.linear_savedmodel import IMAGE_SIZE, NUM_PIXELS, save_linear_classifier
+from pipeline.model_repository import ModelRepository, list_versions
+from pipeline.model_server import ModelServer
+from pipeline.predict_codec import RequestError, format_predict_response, parse_predict_request
+
+NUM_CLASSES = 10
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two exported linear classifiers with different weights: name -> (path, weights, bias)."""
+    out = tmp_path_factory.mktemp("exported")
+    result = {}
+    for name, seed in (("first", 1), ("second", 2)):
+        rng = np.random.default_rng(seed)
+        weights = rng.normal(0, 0.05, (NUM_PIXELS, NUM_CLASSES))
+        bias = rng.normal(0, 0.1, NUM_CLASSES)
+        save_linear_classifier(out / name, weights, bias)
+        result[name] = (str(out / name), weights, bias)
+    return result
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return np.random.default_rng(7).integers(0, 256, (6, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pngs(pixels):
+    return [encode_png(image) for image in pixels]
+
+
+def encode_png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data):
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def expected(pixels, model):
+    """NumPy's answer of a linear classifier: (probabilities, classes)."""
+    _, weights, bias = model
+    logits = pixels.reshape(len(pixels), -1) / 255.0 @ weights + bias
+    return scipy.special.softmax(logits, axis=1), logits.argmax(axis=1)
+
+
+def push(model_dir, version, source):
+    """Copy a SavedModel to a temporary name, then rename it into place (as pushers must)."""
+    staging = os.path.join(model_dir, f".incoming-{version}")
+    shutil.copytree(source, staging)
+    os.rename(staging, os.path.join(model_dir, str(version)))
+
+
+def push_broken(model_dir, version, content=b"not a SavedModel"):
+    staging = os.path.join(model_dir, f".incoming-{version}")
+    os.makedirs(staging)
+    with open(os.path.join(staging, "saved_model.pb"), "wb") as handle:
+        handle.write(content)
+    os.rename(staging, os.path.join(model_dir, str(version)))
+
+
+def call(url, payload=None, method=None, raw=None):
+    """(HTTP status, decoded JSON body) of one request."""
+    data = raw if raw is not None else None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_until(condition, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def version_states(server):
+    _, body = call(f"{server.url}/v1/models/stn")
+    return {entry["version"]: entry for entry in body.get("model_version_status", [])}
+
+
+def predict_classes(server, pngs):
+    status, body = call(
+        f"{server.url}/v1/models/stn:predict", {"instances": [b64(p) for p in pngs]}
+    )
+    assert status == 200, body
+    return np.array([row["classes"] for row in body["predictions"]])
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """A running server polling an empty model directory every 0.1 s; yields (server, dir)."""
+    model_dir = tmp_path / "serving" / "stn"
+    model_dir.mkdir(parents=True)
+    server = ModelServer(
+        ModelRepository(str(tmp_path / "serving"), "stn"), poll_seconds=0.1, max_request_bytes=2**20
+    )
+    server.start()
+    yield server, str(model_dir)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served_first(tmp_path_factory, models):
+    """A running server with the `first` model as version 1 (for requests that change nothing)."""
+    base = tmp_path_factory.mktemp("home") / "serving"
+    (base / "stn").mkdir(parents=True)
+    push(str(base / "stn"), 1, models["first"][0])
+    repository = ModelRepository(str(base), "stn")
+    repository.poll()
+    server = ModelServer(
+        repository, poll_seconds=0.1, max_request_bytes=2**20, request_timeout_seconds=1.0
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- predictions ----------------------------------------------------------------------------
+
+
+def test_row_format_predictions_match_numpy(served_first, models, pixels, pngs):
+    status, body = call(
+        f"{served_first.url}/v1/models/stn:predict", {"instances": [b64(p) for p in pngs]}
+    )
+    assert status == 200, body
+    probabilities, classes = expected(pixels, models["first"])
+    rows = body["predictions"]
+    assert len(rows) == len(pngs)
+    assert all(set(row) == {"probabilities", "classes"} for row in rows)
+    np.testing.assert_allclose([row["probabilities"] for row in rows], probabilities, atol=1e-5)
+    np.testing.assert_array_equal([row["classes"] for row in rows], classes)
+
+
+def test_named_rows_columns_and_version_path_agree(served_first, models, pixels, pngs):
+    url = f"{served_first.url}/v1/models/stn"
+    probabilities, classes = expected(pixels, models["first"])
+    named_rows = {"instances": [{"images": b64(p)} for p in pngs]}
+    status, body = call(f"{url}/versions/1:predict", named_rows)
+    assert status == 200, body
+    np.testing.assert_array_equal([row["classes"] for row in body["predictions"]], classes)
+    for columns in ({"images": [b64(p) for p in pngs]}, [b64(p) for p in pngs]):
+        status, body = call(f"{url}:predict", {"inputs": columns})
+        assert status == 200, body
+        assert set(body["outputs"]) == {"probabilities", "classes"}
+        np.testing.assert_allclose(body["outputs"]["probabilities"], probabilities, atol=1e-5)
+        np.testing.assert_array_equal(body["outputs"]["classes"], classes)
+
+
+def test_rectify_signature_returns_the_decoded_images(served_first, pixels, pngs):
+    request = {"signature_name": "rectify", "instances": [b64(pngs[0])]}
+    status, body = call(f"{served_first.url}/v1/models/stn:predict", request)
+    assert status == 200, body
+    rectified = np.array(body["predictions"][0])  # a single output: rows are bare values
+    np.testing.assert_allclose(rectified[..., 0], pixels[0] / 255.0, atol=1e-6)
+
+
+def test_status_has_tf_servings_shape(served_first):
+    available = {
+        "model_version_status": [
+            {
+                "version": "1",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+    assert call(f"{served_first.url}/v1/models/stn") == (200, available)
+    assert call(f"{served_first.url}/v1/models/stn/versions/1") == (200, available)
+    status, body = call(f"{served_first.url}/v1/models/stn/versions/7")
+    assert status == 404 and "version 7" in body["error"]
+
+
+# --- bad requests ---------------------------------------------------------------------------
+
+
+BAD_REQUESTS = [
+    # (what, path suffix, raw body, expected status, words in the error)
+    ("not JSON", ":predict", b"{instances: ", 400, "not valid JSON"),
+    ("not UTF-8", ":predict", b"\xff\xfe", 400, "not valid JSON"),
+    ("a JSON list", ":predict", b"[1, 2]", 400, "JSON object"),
+    ("bad base64", ":predict", b'{"instances": [{"b64": "no*base64"}]}', 400, "invalid base64"),
+    ("not an image", ":predict", b'{"instances": [{"b64": "aGVsbG8="}]}', 400, "image"),
+    ("numbers for strings", ":predict", b'{"instances": [1, 2]}', 400, "string"),
+    ("wrong top key", ":predict", b'{"instance": []}', 400, "unknown keys"),
+    ("both keys", ":predict", b'{"instances": [], "inputs": []}', 400, "exactly one"),
+    ("empty instances", ":predict", b'{"instances": []}', 400, "non-empty"),
+    ("empty columns", ":predict", b'{"inputs": {"images": []}}', 400, "non-empty"),
+    ("wrong input name", ":predict", b'{"instances": [{"img": {"b64": ""}}]}', 400, "img"),
+    ("unknown signature", ":predict", b'{"signature_name": "x", "instances": [1]}', 400, "'x'"),
+    ("nested batch", ":predict", b'{"inputs": [[{"b64": "aGk="}]]}', 400, "shape"),
+    ("unknown verb", ":classify", b"{}", 405, "not supported"),
+    ("version not served", "/versions/2:predict", b'{"instances": [1]}', 404, "stn, 2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "raw", "code", "words"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_request_gets_4xx_and_server_stays_healthy(
+    served_first, pngs, suffix, raw, code, words
+):
+    status, body = call(f"{served_first.url}/v1/models/stn{suffix}", raw=raw, method="POST")
+    assert status == code, body
+    assert words in body["error"]
+    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+
+
+def test_unknown_model_and_path_are_404(served_first):
+    status, body = call(f"{served_first.url}/v1/models/mnist:predict", {"instances": [1]})
+    assert status == 404 and "mnist" in body["error"]
+    assert call(f"{served_first.url}/v1/models/mnist")[0] == 404
+    assert call(f"{served_first.url}/healthz")[0] == 404
+
+
+def raw_exchange(server, request_bytes):
+    """Send raw bytes, return everything the server answers until it closes the connection."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(request_bytes)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_oversized_request_is_refused_before_its_body_is_sent(served_first, pngs):
+    # The server must answer 413 on the header alone and close: the body never comes.
+    answer = raw_exchange(
+        served_first,
+        b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert "exceeds the limit of 1048576" in json.loads(body)["error"]
+    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+
+
+def test_request_without_length_is_refused(served_first):
+    answer = raw_exchange(
+        served_first, b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\n\r\n{}"
+    )
+    assert answer.startswith(b"HTTP/1.1 411")
+
+
+def test_stalled_body_times_out_with_408(served_first, pngs):
+    answer = raw_exchange(
+        served_first,
+        b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+    )
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "setting", ["poll_seconds", "max_request_bytes", "request_timeout_seconds"]
+)
+def test_server_settings_must_be_positive(tmp_path, setting):
+    with pytest.raises(ValueError, match=setting):
+        ModelServer(ModelRepository(str(tmp_path), "stn"), **{setting: 0})
+
+
+def test_keep_alive_connection_survives_a_bad_request(served_first, pngs):
+    good = json.dumps({"instances": [b64(pngs[0])]}).encode()
+    bad = b"not json"
+
+    def post(body):
+        return (
+            b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    answer = raw_exchange(served_first, post(bad) + post(good) + b"GET /nothing HTTP/1.0\r\n\r\n")
+    statuses = re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    assert statuses == [b"400", b"200", b"404"]
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+def test_new_version_replaces_old_without_restart_and_broken_one_does_not(
+    serving, models, pixels, pngs, caplog
+):
+    caplog.set_level(logging.INFO, logger="pipeline.model_repository")
+    server, model_dir = serving
+    assert call(f"{server.url}/v1/models/stn")[0] == 404  # nothing pushed yet
+    assert call(f"{server.url}/v1/models/stn:predict", {"instances": [b64(pngs[0])]})[0] == 404
+
+    _, first_classes = expected(pixels, models["first"])
+    _, second_classes = expected(pixels, models["second"])
+    assert (first_classes != second_classes).any()  # else the swap would go unseen
+
+    push(model_dir, 1, models["first"][0])
+    wait_until(lambda: version_states(server).get("1", {}).get("state") == "AVAILABLE", "v1")
+    np.testing.assert_array_equal(predict_classes(server, pngs), first_classes)
+
+    push(model_dir, 2, models["second"][0])
+    wait_until(lambda: version_states(server).get("2", {}).get("state") == "AVAILABLE", "v2")
+    assert version_states(server)["1"]["state"] == "END"
+    np.testing.assert_array_equal(predict_classes(server, pngs), second_classes)
+
+    push_broken(model_dir, 3)
+    wait_until(lambda: version_states(server).get("3", {}).get("state") == "END", "v3 to fail")
+    states = version_states(server)
+    assert states["3"]["status"]["error_code"] != "OK"
+    assert states["3"]["status"]["error_message"]
+    assert states["2"]["state"] == "AVAILABLE"
+    np.testing.assert_array_equal(predict_classes(server, pngs), second_classes)
+    assert "model stn: serving version 2" in caplog.text and "(was version 1)" in caplog.text
+    assert "version 3 failed to load (still serving version 2)" in caplog.text
+
+    # A failed version is retried once its files change: repair version 3 in place.
+    fixed = os.path.join(os.path.dirname(model_dir), "fixed")
+    shutil.copytree(models["first"][0], fixed)
+    for name in os.listdir(fixed):
+        target = os.path.join(model_dir, "3", name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(fixed, name), target)
+    wait_until(lambda: version_states(server).get("3", {}).get("state") == "AVAILABLE", "v3 fixed")
+    np.testing.assert_array_equal(predict_classes(server, pngs), first_classes)
+
+
+def test_model_status_is_503_while_no_version_is_available(serving, pngs):
+    server, model_dir = serving
+    push_broken(model_dir, 1)
+    wait_until(
+        lambda: version_states(server).get("1", {}).get("state") == "END", "version 1 to fail"
+    )
+    status, body = call(f"{server.url}/v1/models/stn")
+    assert status == 503 and "no version of model stn is available" in body["error"]
+    assert [entry["state"] for entry in body["model_version_status"]] == ["END"]
+    status, body = call(f"{server.url}/v1/models/stn/versions/1")
+    assert status == 200 and body["model_version_status"][0]["status"]["error_code"] == "UNKNOWN"
+    status, body = call(f"{server.url}/v1/models/stn:predict", {"instances": [b64(pngs[0])]})
+    assert status == 404 and "Servable not found" in body["error"]
+
+
+def test_half_written_and_foreign_directories_are_not_loaded(tmp_path, models):
+    model_dir = tmp_path / "stn"
+    model_dir.mkdir()
+    push(str(model_dir), 1, models["first"][0])
+    shutil.copytree(models["second"][0], model_dir / "5")
+    os.remove(model_dir / "5" / "saved_model.pb")  # being copied: the graph has not landed yet
+    shutil.copytree(models["second"][0], model_dir / "latest")  # not a version number
+    shutil.copytree(models["second"][0], model_dir / ".incoming-6")  # a push in progress
+    assert list(list_versions(str(model_dir))) == [1]
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    assert repository.served().version == 1
+    assert [s.version for s in repository.statuses()] == [1]
+
+
+def test_graph_copied_last_as_tfx_pusher_does_is_loaded_once_complete(tmp_path, models):
+    # TFX's Pusher copies every file but saved_model.pb, then saved_model.pb (not atomically).
+    model_dir = tmp_path / "stn"
+    shutil.copytree(
+        models["first"][0],
+        model_dir / "1700000000",
+        ignore=lambda d, names: [n for n in names if n == "saved_model.pb"],
+    )
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    assert repository.served() is None and repository.statuses() == []
+    graph = (Path(models["first"][0]) / "saved_model.pb").read_bytes()
+    (model_dir / "1700000000" / "saved_model.pb").write_bytes(graph[: len(graph) // 2])
+    repository.poll()
+    assert repository.served() is None
+    assert [s.state for s in repository.statuses()] == ["END"]
+    repository.poll()  # the same half file is not loaded again
+    (model_dir / "1700000000" / "saved_model.pb").write_bytes(graph)
+    repository.poll()
+    assert repository.served().version == 1700000000
+    assert [s.state for s in repository.statuses()] == ["AVAILABLE"]
+
+
+def test_version_without_the_contract_is_not_served(tmp_path, models):
+    class WrongInput(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def serve(self, x):
+            return {"probabilities": x, "classes": tf.cast(x, tf.int64)}
+
+    model_dir = tmp_path / "stn"
+    model_dir.mkdir()
+    push(str(model_dir), 1, models["first"][0])
+    module = WrongInput()
+    tf.saved_model.save(
+        module, str(tmp_path / "wrong"), signatures={"serving_default": module.serve}
+    )
+    push(str(model_dir), 2, str(tmp_path / "wrong"))
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    assert repository.served().version == 1
+    failed = {s.version: s for s in repository.statuses()}[2]
+    assert failed.state == "END" and "'images'" in failed.error_message
+
+
+def test_removing_the_served_version_falls_back_to_the_next_one(tmp_path, models):
+    model_dir = tmp_path / "stn"
+    model_dir.mkdir()
+    push(str(model_dir), 1, models["first"][0])
+    push(str(model_dir), 2, models["second"][0])
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    assert repository.served().version == 2
+    shutil.rmtree(model_dir / "2")
+    repository.poll()
+    assert repository.served().version == 1
+    assert [(s.version, s.state) for s in repository.statuses()] == [(1, "AVAILABLE")]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "stn:predict", ".."])
+def test_model_name_must_be_a_plain_directory_name(tmp_path, name):
+    with pytest.raises(ValueError, match="model_name"):
+        ModelRepository(str(tmp_path), name)
+
+
+# --- the request codec, without a server ----------------------------------------------------
+
+
+def test_codec_refuses_bare_values_for_several_inputs():
+    with pytest.raises(RequestError, match=r"name the inputs \['a', 'b'\]"):
+        parse_predict_request(b'{"instances": [1, 2]}', lambda signature: ["a", "b"])
+    with pytest.raises(RequestError, match="mix"):
+        parse_predict_request(b'{"instances": [{"a": 1}, 2]}', lambda signature: ["a"])
+
+
+def test_codec_rows_and_columns_for_several_inputs():
+    request = parse_predict_request(
+        b'{"instances": [{"a": 1, "b": {"b64": "aGk="}}, {"a": 2, "b": {"b64": ""}}]}',
+        lambda signature: ["b", "a"],
+    )
+    assert request.inputs == {"a": [1, 2], "b": [b"hi", b""]} and request.row_format
+    outputs = {"p": np.array([[0.5, 0.5], [1.0, 0.0]]), "c": np.array([0, 1])}
+    assert format_predict_response(outputs, row_format=True) == {
+        "predictions": [{"p": [0.5, 0.5], "c": 0}, {"p": [1.0, 0.0], "c": 1}]
+    }
+    assert format_predict_response({"c": np.array([3, 4])}, row_format=False) == {"outputs": [3, 4]}
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_serve_module_does_not_import_tensorflow():
+    code = "import sys, pipeline.serve_cmd; print('tensorflow' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--poll-seconds", "0"], ["--port", "70000"], ["--max-request-bytes", "-1"]]
+)
+def test_serve_refuses_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["serve", *argv])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_serve_command_serves_the_pushed_version_and_stops_on_sigterm(tmp_path, models, caplog):
+    model_dir = tmp_path / "serving" / "stn"
+    model_dir.mkdir(parents=True)
+    push(str(model_dir), 4, models["first"][0])
+    answers = []
+
+    def client():  # talks to the server that `serve` runs in the main thread, then stops it
+        try:
+            wait_until(lambda: "listening on" in caplog.text, "the server to listen")
+            url = caplog.text.split("listening on ")[1].split("/v1/")[0]
+            answers.append(call(f"{url}/v1/models/stn"))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO):
+            argv = ["serve", "--home", str(tmp_path), "--port", "0", "--poll-seconds", "0.1"]
+            assert cli.main(argv) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        thread.join()
+    assert "model stn: serving version 4" in caplog.text
+    status, body = answers[0]
+    assert status == 200 and body["model_version_status"][0]["version"] == "4"
+
+
+def test_serve_reports_a_taken_port(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--home", str(tmp_path), "--port", str(port)]) == 2
+    assert "stn-pipeline serve: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("weights_shape", "bias_shape", "wrong"),
+    [((NUM_PIXELS - 1, 3), (3,), "weights"), ((NUM_PIXELS, 3), (4,), "bias")],
+)
+def test_linear_classifier_refuses_wrong_shapes(tmp_path, weights_shape, bias_shape, wrong):
+    with pytest.raises(ValueError, match=f"^{wrong} must have shape"):
+        save_linear_classifier(tmp_path / "model", np.zeros(weights_shape), np.zeros(bias_shape))
