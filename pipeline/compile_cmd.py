@@ -1,0 +1,62 @@
+"""`stn-pipeline compile --kubeflow FILE.yaml`: the pipeline as a Kubeflow Pipelines package.
+
+Compiles the same pipeline `run` runs with TFX's KubeflowV2DagRunner into a KFP v2 YAML
+package that `stn-pipeline schedule` (or the Kubeflow UI) uploads. Paths in the configuration
+are taken as seen inside the cluster: the home defaults to the shared volume at /stn/home.
+"""
+
+import sys
+
+from pipeline.configs import load_config
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "compile",
+        help="compile the pipeline for Kubeflow Pipelines (a KFP v2 YAML package)",
+        description=__doc__.split("\n\n")[1],
+    )
+    add_compile_arguments(parser)
+    parser.add_argument(
+        "--kubeflow", required=True, metavar="FILE.yaml", help="the package file to write"
+    )
+    parser.set_defaults(func=run)
+
+
+def add_compile_arguments(parser):
+    """The options that say how to compile (shared with `schedule`)."""
+    from pipeline.kubeflow_runner import DEFAULT_IMAGE, DEFAULT_KUBEFLOW_HOME
+
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
+    parser.add_argument(
+        "--home",
+        default=DEFAULT_KUBEFLOW_HOME,
+        help=f"the home as the pipeline's pods see it (default {DEFAULT_KUBEFLOW_HOME})",
+    )
+    parser.add_argument("--data-root", help="data root as the pods see it (default <home>/data)")
+    parser.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"container image of every step ({DEFAULT_IMAGE})"
+    )
+    parser.add_argument(
+        "--pipeline-root",
+        help="where artifacts go, e.g. minio://bucket/stn (default <home>/pipeline_root)",
+    )
+
+
+def compile_from_args(args, output_path):
+    """Compile the pipeline that `args` describe to `output_path`; return the config used."""
+    from pipeline import kubeflow_runner
+
+    config = load_config(args.config, home=args.home, data_root=args.data_root)
+    kubeflow_runner.compile_for_kubeflow(config, output_path, args.image, args.pipeline_root)
+    return config
+
+
+def run(args):
+    try:
+        config = compile_from_args(args, args.kubeflow)
+    except ValueError as error:
+        print(f"stn-pipeline compile: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.kubeflow}: pipeline {config.pipeline_name}, image {args.image}")
+    return 0

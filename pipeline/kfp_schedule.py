@@ -1,0 +1,118 @@
+"""Uploads a compiled pipeline to Kubeflow Pipelines and keeps one recurring run of it.
+
+    schedule(kfp.Client(host=URL), "stn.yaml", "stn-pipeline", "0 0 3 * * *", "stn")
+
+With the kfp 2.x `Client` (KFP API v2beta1): the package becomes a new pipeline, or a new
+version of the pipeline of that name; the recurring run named after the pipeline (in the
+experiment, created if missing) is created on that version, and any older recurring run of the
+same name is deleted afterwards, so exactly one remains and there is never none.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+
+PACKAGE_SUFFIXES = (".yaml", ".yml", ".zip", ".tar.gz")  # what the kfp 2.x Client uploads
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+    """What `schedule` did."""
+
+    pipeline_id: str
+    version_id: str
+    new_pipeline: bool
+    experiment_id: str
+    recurring_run_id: str
+    cron: str
+    replaced: tuple  # ids of the recurring runs of the same name that were deleted
+
+
+def kfp_cron(expression):
+    """KFP's 6-field cron (seconds first); a 5-field Unix cron gets second 0 prepended."""
+    fields = str(expression).split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6:
+        raise ValueError(
+            f"--cron {expression!r} must have 5 fields (minute hour day month weekday) "
+            "or 6 (KFP's: second first)"
+        )
+    return " ".join(fields)
+
+
+def _name_filter(name):
+    predicate = {"operation": "EQUALS", "key": "display_name", "stringValue": name}
+    return json.dumps({"predicates": [predicate]})
+
+
+def _version_name(package_path):
+    with open(package_path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:8]
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"v{stamp}-{digest}"
+
+
+def upload(client, package_path, pipeline_name):
+    """(pipeline id, version id, new?): the package as a new pipeline or a new version."""
+    if not str(package_path).endswith(PACKAGE_SUFFIXES):
+        raise ValueError(f"pipeline package {package_path} must end in one of {PACKAGE_SUFFIXES}")
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(package_path, pipeline_name=pipeline_name)
+        versions = client.list_pipeline_versions(
+            pipeline.pipeline_id, page_size=1, sort_by="created_at desc"
+        ).pipeline_versions
+        if not versions:
+            raise ValueError(f"Kubeflow made pipeline {pipeline_name} but no version of it")
+        return pipeline.pipeline_id, versions[0].pipeline_version_id, True
+    version = client.upload_pipeline_version(
+        package_path, _version_name(package_path), pipeline_id=pipeline_id
+    )
+    return pipeline_id, version.pipeline_version_id, False
+
+
+def recurring_runs_named(client, experiment_id, name):
+    """Ids of the recurring runs called `name` in the experiment (all pages)."""
+    ids, token = [], ""
+    while True:
+        page = client.list_recurring_runs(
+            page_token=token, page_size=100, experiment_id=experiment_id, filter=_name_filter(name)
+        )
+        runs = page.recurring_runs or []
+        ids += [run.recurring_run_id for run in runs if run.display_name == name]
+        token = page.next_page_token
+        if not token:
+            return ids
+
+
+def schedule(client, package_path, pipeline_name, cron, experiment, job_name=None):
+    """Upload `package_path` and make it the one recurring run `job_name` (default: the name)."""
+    cron = kfp_cron(cron)
+    job_name = job_name or pipeline_name
+    pipeline_id, version_id, new = upload(client, package_path, pipeline_name)
+    experiment_id = client.create_experiment(experiment).experiment_id  # gets it if it exists
+    older = recurring_runs_named(client, experiment_id, job_name)
+    created = client.create_recurring_run(
+        experiment_id=experiment_id,
+        job_name=job_name,
+        description=f"{pipeline_name} on cron {cron!r}",
+        cron_expression=cron,
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        max_concurrency=1,
+        no_catchup=True,
+        enabled=True,
+    )
+    for run_id in older:
+        client.delete_recurring_run(run_id)
+    return Scheduled(
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+        new_pipeline=new,
+        experiment_id=experiment_id,
+        recurring_run_id=created.recurring_run_id,
+        cron=cron,
+        replaced=tuple(older),
+    )

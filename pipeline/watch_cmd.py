@@ -1,0 +1,83 @@
+"""`stn-pipeline watch --data-root DIR`: retrain whenever a new span of data arrives.
+
+Polls DIR every --interval seconds for complete span-N folders; when one newer than every span
+trained on appears, runs the pipeline on it (or on the last --window spans), warm-started from
+the model being served, and the Pusher serves the new model only if the Evaluator blesses it.
+No new data, no run. One watcher per home (a lock file); the spans trained on are kept in
+<home>/watch_state.json, so a restarted watcher carries on where it stopped.
+"""
+
+import argparse
+import os
+import sys
+
+from pipeline import run_cmd
+
+EXIT_BUSY = 3
+
+
+def _run_options():
+    """`run`'s parser, whose options (training, Beam, config) `watch` takes over."""
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    run_cmd.register(subparsers)
+    return subparsers.choices["run"]
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "watch",
+        help="retrain automatically when new spans of data arrive",
+        description=__doc__.split("\n\n")[1],
+        parents=[_run_options()],
+        conflict_handler="resolve",
+    )
+    parser.add_argument(
+        "--data-root", required=True, help="the data root whose span-N folders to watch"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=300.0, help="seconds between polls (default 300)"
+    )
+    parser.add_argument("--once", action="store_true", help="poll once, run if needed, exit")
+    parser.add_argument(
+        "--window", type=int, default=1, help="train on the last K spans (default 1: the newest)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    from pipeline import watcher
+
+    def report(line):
+        print(line, flush=True)
+
+    try:
+        if args.interval <= 0:
+            raise ValueError(f"--interval must be > 0 seconds, got {args.interval}")
+        config = run_cmd.config_from_args(args)
+        if not os.path.isdir(config.data_dir):
+            raise ValueError(f"--data-root {config.data_dir} does not exist")
+        watch = watcher.Watcher(
+            config.home_dir,
+            config.data_dir,
+            config.serving_dir,
+            run_fn=watcher.pipeline_run_fn(config, report),
+            window=args.window,
+            report=report,
+        )
+    except ValueError as error:
+        print(f"stn-pipeline watch: {error}", file=sys.stderr)
+        return 2
+    if not getattr(args, "verbose", False):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    report(f"watching {config.data_dir} for new spans (home {config.home_dir})")
+    try:
+        watch.watch(interval_s=args.interval, once=args.once)
+    except watcher.WatcherBusy as error:
+        print(f"stn-pipeline watch: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except KeyboardInterrupt:
+        report("stopped")
+    except Exception as error:  # a failing run with --once: say why in words
+        print(f"stn-pipeline watch: run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,252 @@
+"""Automatic retraining: run the pipeline when a new span of data arrives, and only then.
+
+    watcher = Watcher(home, data_root, serving_dir, run_fn=pipeline_run_fn(config), window=1)
+    watcher.watch(interval_s=300)          # or watcher.watch(once=True)
+
+Each poll lists the complete spans (folders ``span-N``; a span being written is still called
+``.span-N.partial``). When the newest is newer than every span already trained on, `run_fn`
+gets a `RunRequest`: the newest span, or the last `window` spans, and the newest served model
+(the last one the Evaluator blessed and the Pusher pushed) to warm-start from. No new span: no
+run.
+
+Restart-safe: the spans trained on are recorded in ``<home>/watch_state.json``, written
+atomically (temp file + rename) only after a run finished, so a crash mid-run retrains that
+span on the next poll and never twice after success; serving changes only through the
+pipeline's Pusher, which pushes blessed models only. One watcher per home: an exclusive
+``fcntl.flock`` on ``<home>/watch.lock``, held while the watcher lives.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+
+from pipeline.summary import served_versions
+
+STATE_FILE = "watch_state.json"
+LOCK_FILE = "watch.lock"
+_SPAN_FOLDER = re.compile(r"span-([1-9][0-9]*)")
+
+logger = logging.getLogger(__name__)
+
+
+class WatcherBusy(RuntimeError):
+    """Another watcher holds the lock of this home."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """What to train on: span numbers (oldest first) and a SavedModel to warm-start from."""
+
+    spans: tuple
+    warm_start: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """What a finished run did: the spans it trained on, the blessing, where it pushed."""
+
+    spans: tuple
+    blessed: bool | None
+    pushed_to: str | None
+
+
+def complete_spans(data_root):
+    """The span numbers of the complete ``span-N`` folders under `data_root`, ascending."""
+    if not os.path.isdir(data_root):
+        raise ValueError(f"data root {data_root} is not a directory")
+    spans = []
+    for name in os.listdir(data_root):
+        match = _SPAN_FOLDER.fullmatch(name)
+        if match and os.path.isdir(os.path.join(data_root, name)):
+            spans.append(int(match.group(1)))
+    return sorted(spans)
+
+
+def next_spans(available, last_trained, window):
+    """The last `window` of `available` spans if the newest is past `last_trained`, else ()."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not available or available[-1] <= last_trained:
+        return ()
+    return tuple(available[-window:])
+
+
+class WatchState:
+    """The runs the watcher finished, in ``<home>/watch_state.json``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def runs(self):
+        if not os.path.exists(self.path):
+            return []
+        try:
+            with open(self.path) as handle:
+                runs = json.load(handle)["runs"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"watch state {self.path} is not a watcher's state file: {error}"
+            ) from error
+        return runs
+
+    def last_trained_span(self):
+        return max((span for run in self.runs() for span in run["spans"]), default=0)
+
+    def record(self, outcome):
+        """Append `outcome` as a finished run; the file is replaced atomically."""
+        run = {
+            "spans": list(outcome.spans),
+            "blessed": outcome.blessed,
+            "pushed_to": outcome.pushed_to,
+            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        runs = [*self.runs(), run]
+        folder = os.path.dirname(self.path)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=folder, prefix=".watch_state.", suffix=".tmp", delete=False
+        ) as handle:
+            json.dump({"runs": runs}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, self.path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Hold an exclusive flock on `path` or raise WatcherBusy naming the holder."""
+    handle = open(path, "a+")  # noqa: SIM115 (held for the lifetime of the context)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise WatcherBusy(
+                f"another watcher (pid {holder}) holds {path}; one watcher per home at a time"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+class Watcher:
+    """Polls `data_root` for new spans and calls `run_fn(RunRequest) -> RunOutcome` on them."""
+
+    def __init__(self, home, data_root, serving_dir, run_fn, window=1, report=logger.info):
+        if window < 1:
+            raise ValueError(f"--window must be >= 1, got {window}")
+        os.makedirs(home, exist_ok=True)
+        self.data_root = data_root
+        self.serving_dir = serving_dir
+        self.run_fn = run_fn
+        self.window = window
+        self.report = report
+        self.state = WatchState(os.path.join(home, STATE_FILE))
+        self.lock_path = os.path.join(home, LOCK_FILE)
+
+    def pending_request(self):
+        """The `RunRequest` a poll now would make, or None when there is no new span."""
+        spans = next_spans(
+            complete_spans(self.data_root), self.state.last_trained_span(), self.window
+        )
+        if not spans:
+            return None
+        versions = served_versions(self.serving_dir)
+        warm_start = os.path.join(self.serving_dir, versions[-1]) if versions else None
+        return RunRequest(spans=spans, warm_start=warm_start)
+
+    def poll(self):
+        """One look at the data: run on new spans and record the run; the outcome or None."""
+        request = self.pending_request()
+        if request is None:
+            self.report(
+                f"no new span under {self.data_root} (trained up to span "
+                f"{self.state.last_trained_span()})"
+            )
+            return None
+        start = "from scratch" if request.warm_start is None else f"from {request.warm_start}"
+        self.report(f"new data: training on span(s) {list(request.spans)}, {start}")
+        outcome = self.run_fn(request)
+        self.state.record(outcome)
+        verdict = "blessed" if outcome.blessed else "not blessed"
+        pushed = f"pushed to {outcome.pushed_to}" if outcome.pushed_to else "not pushed"
+        self.report(f"run on span(s) {list(outcome.spans)} finished: {verdict}, {pushed}")
+        return outcome
+
+    def watch(self, interval_s=300.0, once=False, sleep=time.sleep):
+        """Poll under the lock, every `interval_s` seconds (once: a single poll); runs made.
+
+        A failing run is reported and retried at the next poll (with `once`, it raises).
+        """
+        outcomes = []
+        with exclusive_lock(self.lock_path):
+            while True:
+                try:
+                    outcome = self.poll()
+                except Exception as error:
+                    if once:
+                        raise
+                    self.report(f"run failed, will retry: {type(error).__name__}: {error}")
+                    outcome = None
+                if outcome is not None:
+                    outcomes.append(outcome)
+                if once:
+                    return outcomes
+                sleep(interval_s)
+
+
+# --- the real run: the TFX pipeline on this machine ------------------------------------------
+
+
+def _has_field(config, name):
+    return name in {field.name for field in dataclasses.fields(config)}
+
+
+def run_config(config, request):
+    """`config` for one watcher run: the request's span window and warm start, where supported.
+
+    Uses the config fields `span`, `span_window` and `warm_start_model` when the pipeline has
+    them; without them the pipeline ingests the newest span and trains from scratch.
+    """
+    overrides = {}
+    if _has_field(config, "span"):
+        overrides["span"] = request.spans[-1]
+    if len(request.spans) > 1:
+        if not _has_field(config, "span_window"):
+            raise ValueError("--window > 1 needs a pipeline with the `span_window` config field")
+        overrides["span_window"] = len(request.spans)
+    if request.warm_start and _has_field(config, "warm_start_model"):
+        overrides["warm_start_model"] = request.warm_start
+    elif request.warm_start:
+        logger.warning("this pipeline cannot warm-start (no `warm_start_model` field)")
+    return config.replace(**overrides)
+
+
+def pipeline_run_fn(config, report=logger.info):
+    """A `run_fn` that runs the pipeline of `config` with LocalDagRunner; reports its summary."""
+
+    def run(request):
+        from pipeline import local_runner, summary
+
+        this_run = run_config(config, request)
+        local_runner.run_local(local_runner.local_pipeline(this_run))
+        result = summary.run_report(this_run)
+        report(summary.format_report(result))
+        return RunOutcome(
+            spans=tuple(span for span, _ in result.spans) or request.spans,
+            blessed=result.blessed,
+            pushed_to=result.pushed_to,
+        )
+
+    return run

@@ -1,0 +1,378 @@
+"""`stn-pipeline compile --kubeflow` and `schedule`, against KFP's protos and a loopback API.
+
+No Kubeflow runs here: `KFPServer` is a stdlib HTTP server that answers the KFP v2beta1 REST
+calls the kfp 2.13 `Client` makes (healthz, pipelines, upload, upload_version, experiments,
+recurring runs) the way the KFP API server does, and records every request.
+"""
+
+import email.parser
+import http.server
+import itertools
+import json
+import socket
+import threading
+import urllib.parse
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipeline import cli
+from pipeline.configs import load_config
+
+IMAGE = "registry.example/stn-pipeline:9.9"
+PIPELINE_ROOT = "minio://mlpipeline/stn"
+
+
+def _parse_package(path):
+    with open(path) as handle:
+        document = yaml.safe_load(handle)
+    return json_format.ParseDict(document, pipeline_spec_pb2.PipelineSpec())
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kfp") / "stn.yaml"
+    argv = ["compile", "--kubeflow", str(path), "--image", IMAGE, "--pipeline-root", PIPELINE_ROOT]
+    assert cli.main(argv) == 0
+    return path
+
+
+def test_compiled_package_parses_as_a_pipeline_spec_with_every_component(package):
+    from pipeline.local_runner import component_ids
+    from pipeline.pipeline import create_pipeline
+
+    spec = _parse_package(package)
+    tasks = set(spec.root.dag.tasks)
+    local_ids = component_ids(create_pipeline(load_config(home="/stn/home")))
+    assert len(local_ids) == 10
+    for component_id in local_ids:
+        # KFP splits a TFX Resolver into one resolver task per output channel.
+        matching = {
+            task for task in tasks if task == component_id or task.startswith(component_id + "-")
+        }
+        assert matching, f"{component_id} is missing from the compiled tasks {sorted(tasks)}"
+    assert {task for task in tasks if task.startswith("latest_blessed_model_resolver-")} == {
+        "latest_blessed_model_resolver-model-resolver",
+        "latest_blessed_model_resolver-model-blessing-resolver",
+    }
+    assert len(tasks) == len(local_ids) + 1
+    assert spec.pipeline_info.name == "stn-pipeline"
+    assert spec.default_pipeline_root == PIPELINE_ROOT
+
+
+def test_compiled_steps_run_the_tfx_executor_in_the_configured_image(package):
+    spec = _parse_package(package)
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    containers = [
+        executor["container"] for executor in executors.values() if "container" in executor
+    ]
+    assert len(containers) == 9  # every component but the resolver (its two tasks run none)
+    for container in containers:
+        assert container["image"] == IMAGE
+        assert container["command"] == [
+            "python",
+            "-m",
+            "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor",
+        ]
+
+
+def test_compiled_paths_are_the_cluster_home(package):
+    tasks = json_format.MessageToDict(_parse_package(package).root)["dag"]["tasks"]
+
+    def constant(task, name):
+        return tasks[task]["inputs"]["parameters"][name]["runtimeValue"]["constantValue"][
+            "stringValue"
+        ]
+
+    assert constant("ImageExampleGen", "input_base") == "/stn/home/data"
+    destination = json.loads(constant("Pusher", "push_destination"))
+    assert destination == {"filesystem": {"base_directory": "/stn/home/serving/stn"}}
+
+
+def test_compile_refuses_a_package_name_kfp_cannot_upload(tmp_path, capsys):
+    target = tmp_path / "stn.json"
+    assert cli.main(["compile", "--kubeflow", str(target)]) == 2
+    assert "must end in .yaml or .yml" in capsys.readouterr().err
+    assert not target.exists()
+
+
+# --- a KFP API server on loopback ------------------------------------------------------------
+
+
+class KFPServer:
+    """The KFP v2beta1 REST API's pipeline, experiment and recurring-run calls, in memory."""
+
+    def __init__(self):
+        self.calls = []  # (method, path, query {name: value}, body bytes)
+        self.pipelines = {}  # id -> {"display_name", "versions": [version dicts]}
+        self.experiments = {}  # id -> experiment dict
+        self.recurring_runs = {}  # id -> recurring run dict (as created)
+        self.uploads = {}  # version id -> uploaded package bytes
+        self._ids = itertools.count(1)
+        self._http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._http.shutdown()
+        self._http.server_close()
+
+    def _new_id(self, kind):
+        return f"{kind}-{next(self._ids)}"
+
+    def _handler(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _dispatch(self, method):
+                url = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(url.query))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.calls.append((method, url.path, query, body))
+                try:
+                    status, answer = server.answer(method, url.path, query, body, self.headers)
+                except ValueError as error:  # what the API server calls InvalidArgument
+                    status, answer = 400, {"error": str(error), "code": 3}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._dispatch("GET")
+
+            def do_POST(self):
+                self._dispatch("POST")
+
+            def do_DELETE(self):
+                self._dispatch("DELETE")
+
+        return Handler
+
+    def answer(self, method, path, query, body, headers):
+        prefix = "/apis/v2beta1/"
+        if not path.startswith(prefix):
+            return 404, {"error": f"no such path {path}", "code": 5}
+        route = path[len(prefix) :]
+        if (method, route) == ("GET", "healthz"):
+            return 200, {"multi_user": False}
+        if (method, route) == ("GET", "pipelines"):
+            found = [
+                self._pipeline(i) for i in self.pipelines if self._matches(query, self.pipelines[i])
+            ]
+            return 200, {"pipelines": found, "total_size": len(found)} if found else {}
+        if (method, route) == ("POST", "pipelines/upload"):
+            return self._upload(query, body, headers)
+        if (method, route) == ("POST", "pipelines/upload_version"):
+            return self._upload_version(query, body, headers)
+        if method == "GET" and route.startswith("pipelines/") and route.endswith("/versions"):
+            versions = self.pipelines[route.split("/")[1]]["versions"]
+            if query.get("sort_by") == "created_at desc":
+                versions = versions[::-1]
+            versions = versions[: int(query.get("page_size", 10))]
+            return 200, {"pipeline_versions": versions, "total_size": len(versions)}
+        if (method, route) == ("GET", "experiments"):
+            found = [e for e in self.experiments.values() if self._matches(query, e)]
+            return 200, {"experiments": found, "total_size": len(found)} if found else {}
+        if (method, route) == ("POST", "experiments"):
+            experiment = json.loads(body)
+            experiment["experiment_id"] = self._new_id("experiment")
+            self.experiments[experiment["experiment_id"]] = experiment
+            return 200, experiment
+        if (method, route) == ("POST", "recurringruns"):
+            run = json.loads(body)
+            run.update(recurring_run_id=self._new_id("recurring-run"), status="ENABLED")
+            self.recurring_runs[run["recurring_run_id"]] = run
+            return 200, run
+        if (method, route) == ("GET", "recurringruns"):
+            found = [
+                run
+                for run in self.recurring_runs.values()
+                if run["experiment_id"] == query.get("experiment_id", run["experiment_id"])
+                and self._matches(query, run)
+            ]
+            # The API's JSON names this list in camelCase (kfp_server_api's attribute map).
+            return 200, {"recurringRuns": found, "total_size": len(found)} if found else {}
+        if method == "DELETE" and route.startswith("recurringruns/"):
+            if self.recurring_runs.pop(route.split("/")[1], None) is None:
+                return 404, {"error": "recurring run not found", "code": 5}
+            return 200, {}
+        return 404, {"error": f"{method} {path} is not served here", "code": 12}
+
+    @staticmethod
+    def _matches(query, item):
+        predicates = json.loads(query["filter"])["predicates"] if "filter" in query else []
+        for predicate in predicates:
+            # JSON protobuf enums come as a name or a number (Predicate.Operation EQUALS = 1).
+            if predicate["operation"] not in ("EQUALS", 1):
+                raise ValueError(f"only EQUALS filters are served here: {predicate}")
+            if item.get(predicate["key"]) != predicate["stringValue"]:
+                return False
+        return True
+
+    def _pipeline(self, pipeline_id):
+        return {
+            "pipeline_id": pipeline_id,
+            "display_name": self.pipelines[pipeline_id]["display_name"],
+        }
+
+    @staticmethod
+    def _uploaded_file(body, headers):
+        message = email.parser.BytesParser().parsebytes(
+            f"Content-Type: {headers['Content-Type']}\r\n\r\n".encode() + body
+        )
+        parts = [
+            part
+            for part in message.get_payload()
+            if part.get_param("name", header="content-disposition") == "uploadfile"
+        ]
+        if len(parts) != 1:
+            raise ValueError("an upload must carry exactly one `uploadfile` part")
+        return parts[0].get_payload(decode=True)
+
+    def _add_version(self, pipeline_id, name, package):
+        version = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": self._new_id("version"),
+            "display_name": name,
+            "created_at": f"2026-01-01T00:00:{len(self.uploads):02d}Z",
+        }
+        self.pipelines[pipeline_id]["versions"].append(version)
+        self.uploads[version["pipeline_version_id"]] = package
+        return version
+
+    def _upload(self, query, body, headers):
+        name = query["name"]
+        if any(p["display_name"] == name for p in self.pipelines.values()):
+            return 409, {"error": f"pipeline {name} already exists", "code": 6}
+        pipeline_id = self._new_id("pipeline")
+        self.pipelines[pipeline_id] = {"display_name": name, "versions": []}
+        self._add_version(pipeline_id, name, self._uploaded_file(body, headers))
+        return 200, self._pipeline(pipeline_id)
+
+    def _upload_version(self, query, body, headers):
+        pipeline = self.pipelines.get(query.get("pipelineid"))
+        if pipeline is None:
+            return 404, {"error": "pipeline not found", "code": 5}
+        if any(v["display_name"] == query["name"] for v in pipeline["versions"]):
+            return 409, {"error": f"version {query['name']} already exists", "code": 6}
+        return 200, self._add_version(
+            query["pipelineid"], query["name"], self._uploaded_file(body, headers)
+        )
+
+
+@pytest.fixture
+def kfp_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the user's
+    with KFPServer() as server:
+        yield server
+
+
+def _schedule(server, package, *extra):
+    argv = ["schedule", "--host", server.url, "--package", str(package), *extra]
+    return cli.main(argv)
+
+
+def test_first_schedule_uploads_the_package_and_creates_one_recurring_run(kfp_server, package):
+    assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--experiment", "nightly") == 0
+
+    ((pipeline_id, pipeline),) = kfp_server.pipelines.items()
+    assert pipeline["display_name"] == "stn-pipeline"
+    (version,) = pipeline["versions"]
+    assert kfp_server.uploads[version["pipeline_version_id"]] == package.read_bytes()
+    (experiment,) = kfp_server.experiments.values()
+    assert experiment["display_name"] == "nightly"
+    (run,) = kfp_server.recurring_runs.values()
+    assert run["display_name"] == "stn-pipeline"
+    assert run["experiment_id"] == experiment["experiment_id"]
+    assert run["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}  # KFP's seconds field
+    assert run["mode"] == "ENABLE"
+    assert run["pipeline_version_reference"] == {
+        "pipeline_id": pipeline_id,
+        "pipeline_version_id": version["pipeline_version_id"],
+    }
+    paths = [(method, path) for method, path, _, _ in kfp_server.calls]
+    assert ("GET", "/apis/v2beta1/healthz") in paths
+    assert ("POST", "/apis/v2beta1/pipelines/upload") in paths
+
+
+def test_second_schedule_adds_a_version_and_replaces_the_recurring_run(kfp_server, package):
+    assert _schedule(kfp_server, package, "--cron", "0 3 * * *") == 0
+    (first_run_id,) = kfp_server.recurring_runs
+    # Somebody else's schedule in the same experiment must survive.
+    other = {
+        "display_name": "other",
+        "experiment_id": kfp_server.recurring_runs[first_run_id]["experiment_id"],
+    }
+    kfp_server.recurring_runs["recurring-run-other"] = other
+
+    assert _schedule(kfp_server, package, "--cron", "30 4 * * 1-5") == 0
+
+    (pipeline,) = kfp_server.pipelines.values()
+    assert len(pipeline["versions"]) == 2
+    newest = pipeline["versions"][-1]
+    assert kfp_server.uploads[newest["pipeline_version_id"]] == package.read_bytes()
+    ours = [
+        run for run in kfp_server.recurring_runs.values() if run["display_name"] == "stn-pipeline"
+    ]
+    assert len(ours) == 1
+    assert first_run_id not in kfp_server.recurring_runs
+    assert ours[0]["trigger"]["cron_schedule"]["cron"] == "0 30 4 * * 1-5"
+    assert (
+        ours[0]["pipeline_version_reference"]["pipeline_version_id"]
+        == newest["pipeline_version_id"]
+    )
+    assert "recurring-run-other" in kfp_server.recurring_runs
+    assert len(kfp_server.experiments) == 1
+
+
+def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, package):
+    argv = ["schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * *"]
+    assert (
+        cli.main(
+            [
+                *argv,
+                "--image",
+                IMAGE,
+                "--pipeline-root",
+                PIPELINE_ROOT,
+                "--pipeline-name",
+                "stn-nightly",
+            ]
+        )
+        == 0
+    )
+    (pipeline,) = kfp_server.pipelines.values()
+    assert pipeline["display_name"] == "stn-nightly"
+    (uploaded,) = kfp_server.uploads.values()
+    assert yaml.safe_load(uploaded) == yaml.safe_load(package.read_text())
+
+
+@pytest.mark.parametrize("cron", ["0 3 * *", "daily", "0 0 0 3 * * *"])
+def test_schedule_rejects_a_bad_cron_before_calling_kubeflow(kfp_server, package, cron, capsys):
+    assert _schedule(kfp_server, package, "--cron", cron) == 1
+    assert f"--cron {cron!r} must have 5 fields" in capsys.readouterr().err
+    assert kfp_server.calls == []
+
+
+def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with socket.socket() as probe:  # a loopback port that nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["schedule", "--host", f"http://127.0.0.1:{port}", "--cron", "0 3 * * *"]
+    assert cli.main([*argv, "--package", str(package)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("stn-pipeline schedule: ")
+    assert f"port={port}" in error and "Connection refused" in error

@@ -1,0 +1,254 @@
+"""`stn-pipeline watch`: which spans are new, the lock, the state, and one real pipeline run.
+
+The fast tests inject `ServingStandIn.run`, a run function that does what the pipeline does to
+the disk (it pushes a new version folder to serving when the run is blessed) and records each
+request; the slow test runs the real TFX pipeline through the watcher on tiny spans.
+"""
+
+import json
+import os
+import threading
+
+import pytest
+
+from pipeline import cli, watcher
+from pipeline.watcher import RunOutcome, RunRequest, Watcher, WatcherBusy
+
+
+def _span(root, number):
+    """A complete span folder (the watcher looks at folder names only)."""
+    os.makedirs(os.path.join(root, f"span-{number}", "train", "0"))
+
+
+class ServingStandIn:
+    """A run function: records requests; a blessed run pushes version N+1 under serving/."""
+
+    def __init__(self, serving_dir, blessed=True):
+        self.serving_dir = serving_dir
+        self.blessed = blessed
+        self.requests = []
+
+    def run(self, request):
+        self.requests.append(request)
+        pushed = None
+        if self.blessed:
+            pushed = os.path.join(self.serving_dir, str(len(os.listdir(self.serving_dir)) + 1))
+            os.makedirs(pushed)
+        return RunOutcome(spans=request.spans, blessed=self.blessed, pushed_to=pushed)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    home, data, serving = tmp_path / "home", tmp_path / "data", tmp_path / "home" / "serving"
+    os.makedirs(data)
+    os.makedirs(serving)
+    stand_in = ServingStandIn(str(serving))
+
+    def make_watcher(window=1, run_fn=None):
+        return Watcher(str(home), str(data), str(serving), run_fn or stand_in.run, window)
+
+    return home, data, serving, stand_in, make_watcher
+
+
+def test_complete_spans_skip_partial_and_foreign_folders(tmp_path):
+    for name in ("span-1", "span-10", "span-2", ".span-3.partial", "span-0", "span-x", "other"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "span-4").write_text("a file, not a span folder")
+    assert watcher.complete_spans(str(tmp_path)) == [1, 2, 10]
+
+
+def test_complete_spans_of_a_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"data root .*nowhere is not a directory"):
+        watcher.complete_spans(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("available", "last_trained", "window", "expected"),
+    [
+        ([], 0, 1, ()),
+        ([1], 0, 1, (1,)),
+        ([1], 1, 1, ()),
+        ([1, 2, 3], 1, 1, (3,)),
+        ([1, 2, 3], 1, 2, (2, 3)),
+        ([1, 2, 3], 0, 5, (1, 2, 3)),
+        ([1, 2], 3, 1, ()),  # a late older span does not retrain on older data
+    ],
+)
+def test_next_spans(available, last_trained, window, expected):
+    assert watcher.next_spans(available, last_trained, window) == expected
+
+
+def test_span_1_gives_one_run_and_no_new_data_gives_none(setup):
+    home, data, serving, stand_in, make_watcher = setup
+    assert make_watcher().watch(once=True) == []  # no data at all: no run
+    _span(data, 1)
+    (outcome,) = make_watcher().watch(once=True)
+    assert stand_in.requests == [RunRequest(spans=(1,), warm_start=None)]
+    assert outcome.pushed_to == str(serving / "1")
+    assert make_watcher().watch(once=True) == []  # a restarted watcher: nothing new
+    assert len(stand_in.requests) == 1
+    (run,) = json.loads((home / watcher.STATE_FILE).read_text())["runs"]
+    assert run["spans"] == [1] and run["blessed"] is True
+
+
+def test_span_2_gives_exactly_one_more_run_warm_started_and_a_new_served_version(setup):
+    _, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+    make_watcher().watch(once=True)
+    _span(data, 2)
+    os.makedirs(data / ".span-3.partial")  # being written: not yet a span
+    make_watcher().watch(once=True)
+    make_watcher().watch(once=True)
+    assert stand_in.requests[1:] == [RunRequest(spans=(2,), warm_start=str(serving / "1"))]
+    assert sorted(os.listdir(serving)) == ["1", "2"]
+
+
+def test_an_unblessed_run_is_recorded_and_serving_keeps_the_old_version(setup):
+    _, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+    make_watcher().watch(once=True)
+    stand_in.blessed = False
+    _span(data, 2)
+    (outcome,) = make_watcher().watch(once=True)
+    assert (outcome.blessed, outcome.pushed_to) == (False, None)
+    assert os.listdir(serving) == ["1"]
+    assert make_watcher().watch(once=True) == []  # span 2 was trained on: no retry
+    _span(data, 3)
+    make_watcher().watch(once=True)
+    assert stand_in.requests[-1] == RunRequest(spans=(3,), warm_start=str(serving / "1"))
+
+
+def test_window_trains_on_the_last_k_spans(setup):
+    _, data, _, stand_in, make_watcher = setup
+    for number in (1, 2, 3):
+        _span(data, number)
+    make_watcher(window=2).watch(once=True)
+    assert stand_in.requests[0].spans == (2, 3)
+
+
+def test_a_crash_mid_run_leaves_state_and_serving_untouched_and_is_retried(setup):
+    home, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+
+    def crash(request):
+        raise RuntimeError("Trainer died")
+
+    with pytest.raises(RuntimeError, match="Trainer died"):
+        make_watcher(run_fn=crash).watch(once=True)
+    assert not (home / watcher.STATE_FILE).exists()
+    assert os.listdir(serving) == []
+    make_watcher().watch(once=True)
+    assert [request.spans for request in stand_in.requests] == [(1,)]
+
+
+def test_the_polling_loop_reports_a_failed_run_and_retries_it(setup):
+    _, data, _, stand_in, make_watcher = setup
+    _span(data, 1)
+    attempts, lines = [], []
+
+    def flaky(request):
+        attempts.append(request)
+        if len(attempts) == 1:
+            raise OSError("disk full")
+        return stand_in.run(request)
+
+    class Stop(Exception):
+        pass
+
+    def sleep(seconds):
+        assert seconds == 7
+        if len(attempts) == 2:
+            raise Stop
+
+    watch = make_watcher(run_fn=flaky)
+    watch.report = lines.append
+    with pytest.raises(Stop):
+        watch.watch(interval_s=7, sleep=sleep)
+    assert [request.spans for request in attempts] == [(1,), (1,)]
+    assert "run failed, will retry: OSError: disk full" in lines
+
+
+def test_two_watchers_at_once_make_one_run(setup):
+    _, data, _, stand_in, make_watcher = setup
+    _span(data, 1)
+    running, release = threading.Event(), threading.Event()
+
+    def slow_run(request):
+        running.set()
+        release.wait(timeout=60)
+        return stand_in.run(request)
+
+    first = threading.Thread(target=make_watcher(run_fn=slow_run).watch, kwargs={"once": True})
+    first.start()
+    try:
+        assert running.wait(timeout=60)
+        with pytest.raises(WatcherBusy, match=rf"pid {os.getpid()}\) holds .*watch\.lock"):
+            make_watcher().watch(once=True)
+    finally:
+        release.set()
+        first.join()
+    assert len(stand_in.requests) == 1
+    assert make_watcher().watch(once=True) == []  # the lock is free again; nothing new
+
+
+def test_watch_command_exits_with_a_message_while_another_watcher_runs(setup, capsys):
+    home, data, _, _, _ = setup
+    _span(data, 1)
+    os.makedirs(home, exist_ok=True)
+    with watcher.exclusive_lock(str(home / watcher.LOCK_FILE)):
+        argv = ["watch", "--once", "--home", str(home), "--data-root", str(data)]
+        assert cli.main(argv) == 3
+    assert "another watcher" in capsys.readouterr().err
+    assert not (home / watcher.STATE_FILE).exists()
+
+
+def test_watch_command_rejects_bad_arguments(tmp_path, capsys):
+    argv = ["watch", "--once", "--home", str(tmp_path), "--data-root", str(tmp_path / "missing")]
+    assert cli.main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], str(tmp_path), "--window", "0"]) == 2
+    assert "--window must be >= 1" in capsys.readouterr().err
+
+
+def test_a_corrupt_state_file_is_a_clear_error(setup):
+    home, data, _, _, make_watcher = setup
+    _span(data, 1)
+    os.makedirs(home, exist_ok=True)
+    (home / watcher.STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=r"watch_state\.json is not a watcher's state file"):
+        make_watcher().watch(once=True)
+
+
+# --- the real pipeline ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path):
+    from pipeline import spans
+    from pipeline.summary import served_versions
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "train_steps: 2\nbatch_size: 16\naccuracy_floor: 0.0\nregression_tolerance: 1.0\n"
+    )
+    argv = ["watch", "--once", "--home", str(home), "--data-root", str(data)]
+    argv += ["--config", str(config)]
+    serving = home / "serving" / "stn"
+    state = home / watcher.STATE_FILE
+
+    spans.write_span(data, span=1, per_class=3, copies=1)
+    assert cli.main(argv) == 0
+    assert [run["spans"] for run in json.loads(state.read_text())["runs"]] == [[1]]
+    assert len(served_versions(serving)) == 1
+
+    assert cli.main(argv) == 0  # no new data: no run
+    assert len(json.loads(state.read_text())["runs"]) == 1
+
+    spans.write_span(data, span=2, per_class=3, copies=1)
+    assert cli.main(argv) == 0
+    runs = json.loads(state.read_text())["runs"]
+    assert [run["spans"] for run in runs] == [[1], [2]]
+    assert runs[1]["blessed"] is True  # floor 0 and any regression allowed
+    assert len(served_versions(serving)) == 2
+    assert runs[1]["pushed_to"] == str(serving / served_versions(serving)[-1])
