@@ -1,0 +1,95 @@
+"""The anomaly gate: stops the pipeline before training when the data failed validation.
+
+`AnomalyGate` reads ExampleValidator's anomalies and StatisticsGen's statistics and raises
+`DataValidationError`, listing every problem in words, when ExampleValidator found anomalies
+or the statistics show what TFDV's schema cannot express: a split without examples, or a train
+split whose labels are all one class. The pipeline makes the trainer depend on the gate
+(`trainer.add_upstream_node(gate)`), so nothing downstream runs after a failure.
+"""
+
+import os
+
+from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
+from tfx.components.example_validator.executor import DEFAULT_FILE_NAME as ANOMALIES_FILE
+from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
+from tfx.dsl.component.experimental.annotations import InputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.dsl.io import fileio
+from tfx.types import artifact_utils
+from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics
+
+
+class DataValidationError(RuntimeError):
+    """The data failed validation; its message lists every problem."""
+
+
+def anomaly_problems(anomalies, split):
+    """One sentence per anomaly (and per reason) in an `anomalies_pb2.Anomalies` of `split`."""
+    problems = []
+    for feature, info in sorted(anomalies.anomaly_info.items()):
+        problems.extend(_describe(f"split '{split}', feature '{feature}'", info))
+    if anomalies.HasField("dataset_anomaly_info"):
+        problems.extend(_describe(f"split '{split}'", anomalies.dataset_anomaly_info))
+    return problems
+
+
+def _describe(where, info):
+    """One sentence per reason of an AnomalyInfo, falling back to its overall description."""
+    sentences = []
+    for reason in info.reason or [anomalies_pb2.AnomalyInfo.Reason()]:
+        short = reason.short_description or info.short_description or "anomaly"
+        kind = f" [{anomalies_pb2.AnomalyInfo.Type.Name(reason.type)}]" if reason.type else ""
+        sentences.append(f"{where}: {short}: {reason.description or info.description}{kind}")
+    return sentences
+
+
+def statistics_problems(statistics, split, label_feature, check_classes):
+    """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`."""
+    if statistics.num_examples == 0:
+        return [f"split '{split}' holds no examples (an empty span or split folder?)"]
+    if not check_classes:
+        return []
+    for feature in statistics.features:
+        if feature.path.step[:] == [label_feature] or feature.name == label_feature:
+            low, high = feature.num_stats.min, feature.num_stats.max
+            if low == high:
+                return [
+                    f"split '{split}' holds a single class: every '{label_feature}' is "
+                    f"{low:g}; a classifier needs examples of at least two classes"
+                ]
+            return []
+    return [f"split '{split}' has no statistics for the label feature '{label_feature}'"]
+
+
+def gate_problems(anomalies, statistics, label_feature="label", train_split="train"):
+    """Every problem the gate reports, given the two artifacts."""
+    problems = []
+    for split in artifact_utils.decode_split_names(statistics.split_names):
+        datasets = load_statistics(statistics, split).proto().datasets
+        split_stats = datasets[0] if datasets else statistics_pb2.DatasetFeatureStatistics()
+        problems.extend(
+            statistics_problems(split_stats, split, label_feature, split == train_split)
+        )
+    for split in artifact_utils.decode_split_names(anomalies.split_names):
+        path = os.path.join(artifact_utils.get_split_uri([anomalies], split), ANOMALIES_FILE)
+        with fileio.open(path, "rb") as handle:
+            problems.extend(
+                anomaly_problems(anomalies_pb2.Anomalies.FromString(handle.read()), split)
+            )
+    return problems
+
+
+@component
+def AnomalyGate(
+    anomalies: InputArtifact[ExampleAnomalies],
+    statistics: InputArtifact[ExampleStatistics],
+    label_feature: Parameter[str] = "label",
+    train_split: Parameter[str] = "train",
+):
+    """Raises DataValidationError listing every problem when the data failed validation."""
+    problems = gate_problems(anomalies, statistics, label_feature, train_split)
+    if problems:
+        raise DataValidationError(
+            f"The data failed validation ({len(problems)} problem(s)); nothing downstream runs:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )

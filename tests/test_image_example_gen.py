@@ -1,0 +1,373 @@
+"""ImageExampleGen: real spans of PNG files ingested by the real component under LocalDagRunner.
+
+Also holds the helpers test_validation.py uses: `write_test_span`, `run_pipeline`,
+`node_states` and the `Downstream` sentinel component.
+"""
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+from PIL import Image
+from tfx.dsl.component.experimental.decorators import component
+from tfx.orchestration import metadata
+from tfx.orchestration import pipeline as tfx_pipeline
+from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+from tfx.proto import example_gen_pb2, range_config_pb2
+from tfx.types import standard_artifacts
+from tfx.utils import proto_utils
+
+from components import image_example_gen, image_listing
+from components.image_decoding import image_problem
+from components.image_example_gen import ImageExampleGen
+
+SHAPE = (42, 42, 1)
+COMPLETE = metadata_store_pb2.Execution.COMPLETE
+
+
+def png_bytes(array, image_format="PNG"):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def digit_array(seed, size=42):
+    return np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def write_test_span(data_root, span=1, labels=None, size=42):
+    """A span per the data contract: {split: [label, ...]} -> PNGs and manifest.csv."""
+    labels = (
+        labels if labels is not None else {"train": list(range(10)) * 2, "eval": list(range(10))}
+    )
+    folder = Path(data_root) / f"span-{span}"
+    rows = []
+    for split, split_labels in labels.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for index, label in enumerate(split_labels):
+            name = f"{split}/{label}/{index:06d}.png"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(digit_array(span * 100_000 + index, size)).save(folder / name)
+            params = {"angle_deg": round(index * 1.5, 1), "dx": index % 3}
+            rows.append((name, split, label, index, "rts", json.dumps(params)))
+    with open(folder / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("file", "split", "label", "source_index", "variant", "params"))
+        writer.writerows(rows)
+    return folder
+
+
+@component
+def Downstream():
+    """A sentinel: it runs only when everything upstream succeeded."""
+
+
+def run_pipeline(tmp_path, components, name="test"):
+    """Runs `components` (+ a Downstream sentinel after the last) under LocalDagRunner.
+
+    Returns the MLMD connection config; re-raises the failing component's error.
+    """
+    downstream = Downstream()
+    downstream.add_upstream_node(components[-1])
+    config = metadata_config(tmp_path)
+    pipeline = tfx_pipeline.Pipeline(
+        pipeline_name=name,
+        pipeline_root=str(tmp_path / "pipeline_root"),
+        components=[*components, downstream],
+        metadata_connection_config=config,
+    )
+    LocalDagRunner().run(pipeline)
+    return config
+
+
+def node_states(config):
+    """{node id: [execution states]} recorded in the MLMD store at `config`."""
+    store = metadata_store.MetadataStore(config)
+    return {
+        context.name.split(".", 1)[1]: [
+            execution.last_known_state for execution in store.get_executions_by_context(context.id)
+        ]
+        for context in store.get_contexts_by_type("node")
+    }
+
+
+def read_examples(artifact_uri, split):
+    """The tf.Examples in one split folder of an Examples artifact."""
+    files = sorted(Path(artifact_uri, f"Split-{split}").glob("*.gz"))
+    dataset = tf.data.TFRecordDataset([str(path) for path in files], compression_type="GZIP")
+    return [tf.train.Example.FromString(record) for record in dataset.as_numpy_iterator()]
+
+
+def example_tuple(example):
+    feature = example.features.feature
+    return (
+        feature["image"].bytes_list.value[0],
+        feature["label"].int64_list.value[0],
+        feature["variant"].bytes_list.value[0].decode(),
+        json.loads(feature["distortion"].bytes_list.value[0]),
+    )
+
+
+def files_as_tuples(span_folder, split):
+    """What the examples of `split` must hold, read independently from the files + manifest."""
+    with open(Path(span_folder) / "manifest.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == split]
+    return sorted(
+        (
+            (Path(span_folder) / row["file"]).read_bytes(),
+            int(row["label"]),
+            row["variant"],
+            json.loads(row["params"]),
+        )
+        for row in rows
+    )
+
+
+def assert_examples_match_files(artifact_uri, span_folder):
+    for split in ("train", "eval"):
+        found = sorted(example_tuple(example) for example in read_examples(artifact_uri, split))
+        assert found == files_as_tuples(span_folder, split)
+
+
+def artifact_of(config, artifact_class):
+    """The one artifact of `artifact_class` in the MLMD store at `config`, as a TFX artifact."""
+    store = metadata_store.MetadataStore(config)
+    [mlmd_artifact] = store.get_artifacts_by_type(artifact_class.TYPE_NAME)
+    artifact = artifact_class()
+    artifact.set_mlmd_artifact(mlmd_artifact)
+    return artifact
+
+
+def examples_artifact(config):
+    return artifact_of(config, standard_artifacts.Examples)
+
+
+def metadata_config(tmp_path):
+    """The SQLite MLMD connection config of the pipeline run in `tmp_path`."""
+    return metadata.sqlite_metadata_connection_config(str(tmp_path / "metadata.sqlite"))
+
+
+def bad_files(span_folder):
+    """Adds a truncated PNG, a text file named .png and a 28x28 PNG; {path: expected words}."""
+    truncated = span_folder / "train" / "3" / "truncated.png"
+    truncated.write_bytes(png_bytes(digit_array(1))[:300])
+    text = span_folder / "train" / "4" / "notes.png"
+    text.write_text("this is not an image\n")
+    small = span_folder / "eval" / "5" / "small.png"
+    small.write_bytes(png_bytes(digit_array(2, size=28)))
+    return {
+        truncated: "is not a decodable PNG image",
+        text: "is not a PNG or JPEG file",
+        small: "decodes to shape 28x28x1, expected 42x42x1",
+    }
+
+
+# ---- image checks (no pipeline) ----
+
+
+def test_image_problem_accepts_png_and_jpeg_of_the_data_set_shape():
+    assert image_problem(png_bytes(digit_array(0)), SHAPE) is None
+    assert image_problem(png_bytes(digit_array(0), "JPEG"), SHAPE) is None
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"plain text, no image", "is not a PNG or JPEG file"),
+        (png_bytes(digit_array(0))[:200], "is not a decodable PNG image"),
+        (png_bytes(digit_array(0, size=28)), "decodes to shape 28x28x1, expected 42x42x1"),
+        (png_bytes(np.zeros((42, 42, 3), np.uint8)), "decodes to shape 42x42x3"),
+        (png_bytes(digit_array(0), "GIF"), "is not a PNG or JPEG file"),
+    ],
+)
+def test_image_problem_names_what_is_wrong(data, words):
+    assert words in image_problem(data, SHAPE)
+
+
+def test_image_problem_rejects_a_png_whose_last_checksum_is_wrong():
+    # Pillow decodes this file without complaint; TensorFlow (the trainer's decoder) does not.
+    data = bytearray(png_bytes(digit_array(0)))
+    data[-2] ^= 0x55  # a byte of the IEND chunk's CRC
+    Image.open(io.BytesIO(bytes(data))).load()
+    assert "is not a decodable PNG image" in image_problem(bytes(data), SHAPE)
+
+
+# ---- listing a split (no pipeline) ----
+
+
+def test_list_split_takes_labels_from_folders_and_details_from_the_manifest(tmp_path):
+    span = write_test_span(tmp_path, labels={"train": [7, 2], "eval": [1]})
+    (span / "train" / "cat").mkdir()
+    (span / "train" / "cat" / "x.png").write_bytes(png_bytes(digit_array(3)))
+    (span / "train" / "2" / "readme.txt").write_text("hello")
+    images, tfrecords = image_listing.list_split(str(tmp_path), "span-1/train/*/*")
+    by_name = {Path(source.path).name: source for source in images}
+    assert tfrecords == []
+    assert len(images) == 4
+    assert by_name["000000.png"].label == 7
+    assert by_name["000001.png"].label == 2
+    assert by_name["000001.png"].variant == "rts"
+    assert json.loads(by_name["000001.png"].distortion) == {"angle_deg": 1.5, "dx": 1}
+    assert "folder name 'cat' is not a class index" in by_name["x.png"].problem
+    assert "is neither an image" in by_name["readme.txt"].problem
+
+
+def test_list_split_reads_labels_from_a_labels_file(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg", "c.png"):
+        (folder / name).write_bytes(png_bytes(digit_array(4)))
+    (folder / "labels.csv").write_text("file,label\na.png,4\nb.jpg,9\n")
+    images, _ = image_listing.list_split(str(tmp_path), "*/*", labels_file="labels.csv")
+    by_name = {Path(source.path).name: source for source in images}
+    assert sorted(by_name) == ["a.png", "b.jpg", "c.png"]  # not photos/labels.csv
+    assert (by_name["a.png"].label, by_name["b.jpg"].label) == (4, 9)
+    assert by_name["a.png"].variant == image_listing.UNKNOWN_VARIANT
+    assert by_name["a.png"].distortion == "{}"
+    assert "is not listed in any labels.csv" in by_name["c.png"].problem
+
+
+def test_list_split_of_an_empty_pattern_is_an_error(tmp_path):
+    (tmp_path / "span-1" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"span-1/train/\*/\*' matches no files"):
+        image_listing.list_split(str(tmp_path), "span-1/train/*/*")
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"image_shape": (42, 42)}, "image_shape must be 3 positive ints"),
+        ({"max_bad_files": -1}, "max_bad_files must be an int >= 0"),
+        ({"labels_file": "a/labels.csv"}, "labels_file must be a file name"),
+    ],
+)
+def test_ingest_config_rejects_bad_settings(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        image_example_gen.ingest_config(**kwargs)
+
+
+def test_ingest_config_reaches_the_executor_through_exec_properties():
+    config = image_example_gen.ingest_config((28, 30, 3), max_bad_files=5, labels_file="l.csv")
+    # The component stores custom_config as JSON; the executor reads it back.
+    exec_properties = {"custom_config": proto_utils.proto_to_json(config)}
+    assert image_example_gen.ingest_settings(exec_properties) == ((28, 30, 3), 5, "l.csv")
+    assert image_example_gen.ingest_settings({}) == (SHAPE, 0, None)
+
+
+# ---- the component under LocalDagRunner ----
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """Span 1 (older) and span 2 (the latest, 30 images) ingested with the default config."""
+    tmp_path = tmp_path_factory.mktemp("clean")
+    data_root = tmp_path / "data"
+    write_test_span(data_root, span=1, labels={"train": [0], "eval": [0]})
+    span = write_test_span(data_root, span=2)
+    config = run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
+    return span, config
+
+
+def test_ingests_the_latest_span_with_its_images_labels_and_manifest(clean_run):
+    span, config = clean_run
+    artifact = examples_artifact(config)
+    assert artifact.get_int_custom_property("span") == 2
+    assert_examples_match_files(artifact.uri, span)
+    assert artifact.get_int_custom_property(image_example_gen.SKIPPED_COUNT_PROPERTY) == 0
+    assert node_states(config)["Downstream"] == [COMPLETE]
+
+
+@pytest.mark.slow
+def test_range_config_selects_an_older_span(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root, span=1, labels={"train": [1, 2], "eval": [3]})
+    write_test_span(data_root, span=2)
+    example_gen = ImageExampleGen(
+        input_base=str(data_root),
+        range_config=range_config_pb2.RangeConfig(
+            static_range=range_config_pb2.StaticRange(start_span_number=1, end_span_number=1)
+        ),
+    )
+    artifact = examples_artifact(run_pipeline(tmp_path, [example_gen]))
+    assert artifact.get_int_custom_property("span") == 1
+    assert_examples_match_files(artifact.uri, span)
+
+
+def test_bad_files_fail_the_run_naming_each_file_and_problem(tmp_path):
+    data_root = tmp_path / "data"
+    expected = bad_files(write_test_span(data_root))
+    with pytest.raises(ValueError, match="3 bad input file") as raised:
+        run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
+    for path, words in expected.items():
+        assert f"{path} {words}" in str(raised.value)
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
+def test_max_bad_files_skips_bad_files_and_records_them(tmp_path, caplog):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root)
+    expected = bad_files(span)
+    caplog.set_level(logging.WARNING)
+    config = run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root), max_bad_files=3)])
+    artifact = examples_artifact(config)
+    assert artifact.get_int_custom_property(image_example_gen.SKIPPED_COUNT_PROPERTY) == 3
+    recorded = artifact.get_json_value_custom_property(image_example_gen.SKIPPED_FILES_PROPERTY)
+    assert len(recorded) == 3
+    for path, words in expected.items():
+        assert any(line.startswith(f"{path} {words}") for line in recorded)
+    for path in expected:
+        assert str(path) in caplog.text
+    assert_examples_match_files(artifact.uri, span)
+
+
+def test_an_empty_span_fails_with_a_clear_message(tmp_path):
+    data_root = tmp_path / "data"
+    write_test_span(data_root, labels={"train": [], "eval": []})
+    with pytest.raises(ValueError, match="An empty span") as raised:
+        run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
+    assert "Cannot find matching for split train" in str(raised.value)
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
+def test_tfrecords_are_ingested_and_split_by_hash_buckets(tmp_path):
+    records = tmp_path / "data" / "records"
+    records.mkdir(parents=True)
+    originals = []
+    with tf.io.TFRecordWriter(
+        str(records / "part-0.tfrecord.gz"), tf.io.TFRecordOptions(compression_type="GZIP")
+    ) as writer:
+        for index in range(40):
+            image, label = png_bytes(digit_array(index)), index % 10
+            example = tf.train.Example()
+            example.features.feature["image"].bytes_list.value.append(image)
+            example.features.feature["label"].int64_list.value.append(label)
+            writer.write(example.SerializeToString())
+            originals.append((image, label, "unknown", {}))
+    example_gen = ImageExampleGen(
+        input_base=str(tmp_path / "data"),
+        input_config=example_gen_pb2.Input(
+            splits=[example_gen_pb2.Input.Split(name="all", pattern="records/*")]
+        ),
+        output_config=example_gen_pb2.Output(
+            split_config=example_gen_pb2.SplitConfig(
+                splits=[
+                    example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=3),
+                    example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=1),
+                ]
+            )
+        ),
+    )
+    artifact = examples_artifact(run_pipeline(tmp_path, [example_gen]))
+    train = [example_tuple(example) for example in read_examples(artifact.uri, "train")]
+    evaluation = [example_tuple(example) for example in read_examples(artifact.uri, "eval")]
+    assert train and evaluation
+    assert sorted(train + evaluation) == sorted(originals)

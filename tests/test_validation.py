@@ -1,0 +1,176 @@
+"""Validation: ImageExampleGen -> StatisticsGen -> ImportSchemaGen -> ExampleValidator -> gate.
+
+Real components under LocalDagRunner; a `Downstream` sentinel after the gate shows whether
+anything downstream ran.
+"""
+
+import pytest
+from google.protobuf import text_format
+from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
+from test_image_example_gen import (
+    COMPLETE,
+    artifact_of,
+    metadata_config,
+    node_states,
+    run_pipeline,
+    write_test_span,
+)
+from tfx.components import SchemaGen
+from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
+from tfx.types import standard_artifacts
+
+from components.gate import DataValidationError, anomaly_problems, statistics_problems
+from components.image_example_gen import ImageExampleGen
+from pipeline.validation import SCHEMA_FILE, build_validation
+
+# TFDV describes a bytes feature as images only from 100 values on (ImageStatsGenerator's
+# values_threshold), so the clean span has 100 images per split.
+CLEAN_LABELS = {"train": list(range(10)) * 10, "eval": list(range(10)) * 10}
+
+
+def validation_pipeline(tmp_path, labels):
+    """Writes span 1 with `labels`, runs ingestion + validation + Downstream; (config, nodes)."""
+    data_root = tmp_path / "data"
+    write_test_span(data_root, labels=labels)
+    example_gen = ImageExampleGen(input_base=str(data_root))
+    nodes = build_validation(example_gen.outputs["examples"])
+    return run_pipeline(tmp_path, [example_gen, *nodes.components()]), nodes
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    config, _ = validation_pipeline(tmp_path_factory.mktemp("clean"), CLEAN_LABELS)
+    return config
+
+
+def test_a_clean_span_passes_the_gate_and_downstream_runs(clean_run):
+    states = node_states(clean_run)
+    for node in ("StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomalyGate"):
+        assert states[node] == [COMPLETE], node
+    assert states["Downstream"] == [COMPLETE]
+
+
+def test_statistics_describe_the_image_bytes_as_png_images(clean_run):
+    statistics = artifact_of(clean_run, standard_artifacts.ExampleStatistics)
+    for split in ("train", "eval"):
+        dataset = load_statistics(statistics, split).proto().datasets[0]
+        assert dataset.num_examples == 100
+        [image] = [feature for feature in dataset.features if feature.path.step == ["image"]]
+        custom = {stat.name: stat for stat in image.custom_stats}
+        assert custom["domain_info"].str == "image_domain {}"
+        buckets = custom["image_format_histogram"].rank_histogram.buckets
+        assert [(bucket.label, bucket.sample_count) for bucket in buckets] == [("png", 100)]
+
+
+def test_a_clean_span_has_no_anomalies(clean_run):
+    anomalies = artifact_of(clean_run, standard_artifacts.ExampleAnomalies)
+    for split in ("train", "eval"):
+        path = f"{anomalies.uri}/Split-{split}/SchemaDiff.pb"
+        with open(path, "rb") as handle:
+            assert anomaly_problems(anomalies_pb2.Anomalies.FromString(handle.read()), split) == []
+
+
+@pytest.mark.slow
+def test_a_label_outside_the_schema_domain_stops_the_pipeline(tmp_path):
+    labels = {"train": [*range(10), 11], "eval": list(range(10))}
+    with pytest.raises(DataValidationError) as raised:
+        validation_pipeline(tmp_path, labels)
+    message = str(raised.value)
+    assert "split 'train', feature 'label': Out-of-range values" in message
+    assert "11" in message
+    assert "split 'eval'" not in message
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_train_split_of_a_single_class_stops_the_pipeline(tmp_path):
+    labels = {"train": [3] * 12, "eval": list(range(10))}
+    with pytest.raises(DataValidationError) as raised:
+        validation_pipeline(tmp_path, labels)
+    assert "split 'train' holds a single class: every 'label' is 3" in str(raised.value)
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+# ---- the gate's wording and checks (no pipeline) ----
+
+
+def test_anomaly_problems_lists_every_reason_with_feature_and_description():
+    anomalies = text_format.Parse(
+        """
+        anomaly_info {
+          key: "label"
+          value {
+            short_description: "Multiple errors"
+            reason { type: INT_TYPE_BIG_INT short_description: "Out-of-range values"
+                     description: "Unexpectedly large value: 11." }
+            reason { type: FEATURE_TYPE_LOW_FRACTION_PRESENT
+                     short_description: "Column dropped"
+                     description: "The feature was present in fewer examples than expected." }
+          }
+        }
+        anomaly_info {
+          key: "image"
+          value { short_description: "Not an image" description: "Some values are text."
+                  reason { type: UNKNOWN_TYPE } }
+        }
+        anomaly_info {
+          key: "variant"
+          value { short_description: "Unexpected string values"
+                  description: "Examples contain values missing from the schema: x." }
+        }
+        """,
+        anomalies_pb2.Anomalies(),
+    )
+    assert anomaly_problems(anomalies, "eval") == [
+        "split 'eval', feature 'image': Not an image: Some values are text.",
+        "split 'eval', feature 'label': Out-of-range values: Unexpectedly large value: 11. "
+        "[INT_TYPE_BIG_INT]",
+        "split 'eval', feature 'label': Column dropped: The feature was present in fewer "
+        "examples than expected. [FEATURE_TYPE_LOW_FRACTION_PRESENT]",
+        "split 'eval', feature 'variant': Unexpected string values: Examples contain values "
+        "missing from the schema: x.",
+    ]
+
+
+def label_statistics(num_examples, low, high):
+    return text_format.Parse(
+        f"""
+        num_examples: {num_examples}
+        features {{ path {{ step: "label" }} type: INT num_stats {{ min: {low} max: {high} }} }}
+        """,
+        statistics_pb2.DatasetFeatureStatistics(),
+    )
+
+
+def test_statistics_problems_find_empty_splits_and_single_class_train_splits():
+    assert statistics_problems(label_statistics(0, 0, 0), "eval", "label", False) == [
+        "split 'eval' holds no examples (an empty span or split folder?)"
+    ]
+    [single] = statistics_problems(label_statistics(50, 7, 7), "train", "label", True)
+    assert single.startswith("split 'train' holds a single class: every 'label' is 7;")
+    assert statistics_problems(label_statistics(50, 0, 9), "train", "label", True) == []
+    # Only the train split must hold several classes.
+    assert statistics_problems(label_statistics(5, 7, 7), "eval", "label", False) == []
+    assert statistics_problems(label_statistics(5, 0, 9), "train", "digit", True) == [
+        "split 'train' has no statistics for the label feature 'digit'"
+    ]
+
+
+def test_the_curated_schema_states_the_data_contract():
+    schema = text_format.Parse(SCHEMA_FILE.read_text(), schema_pb2.Schema())
+    features = {feature.name: feature for feature in schema.feature}
+    assert set(features) == {"image", "label", "variant", "distortion"}
+    assert (features["label"].int_domain.min, features["label"].int_domain.max) == (0, 9)
+    assert features["image"].HasField("image_domain")
+    assert set(features["variant"].string_domain.value) == {"r", "rts", "p", "e", "unknown"}
+    for feature in features.values():
+        assert feature.presence.min_fraction == 1.0, feature.name
+
+
+def test_build_validation_infers_the_schema_when_asked(tmp_path):
+    example_gen = ImageExampleGen(input_base=str(tmp_path))
+    nodes = build_validation(example_gen.outputs["examples"], infer_schema=True)
+    assert isinstance(nodes.schema_gen, SchemaGen)
+    assert nodes.example_validator.inputs["schema"] is nodes.schema_gen.outputs["schema"]
+    with pytest.raises(ValueError, match=r"schema_file .*missing\.pbtxt does not exist"):
+        build_validation(example_gen.outputs["examples"], schema_file=tmp_path / "missing.pbtxt")
