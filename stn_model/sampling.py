@@ -1,62 +1,145 @@
-"""Bilinear sampling of NHWC images at normalized grid coordinates (PyTorch's grid_sample)."""
+"""Bilinear sampling of NHWC images at normalized grid coordinates (PyTorch's grid_sample).
+
+The forward pass pads the image with one pixel of zeros, so that the four taps of every sample
+point that can touch the image lie inside the padded image: one index per point (its top-left
+tap) and four fixed offsets address them, with no per-tap masks. The taps are kept for the
+hand-written backward pass, which takes the grid gradient from them and scatters the upstream
+gradient into the padded image with segment sums. The bilinear weights come from the unclipped
+coordinates. Half-precision inputs are computed in float32 and the results cast back.
+"""
 
 import tensorflow as tf
 
 PADDING_MODES = ("zeros", "border")
 
 
-def _unnormalize(coord, size, align_corners):
+def _check_arguments(images, grid, padding_mode):
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if not images.dtype.is_floating:
+        raise ValueError(f"images must have a floating dtype, got {images.dtype.name}")
+    if not grid.dtype.is_floating:
+        raise ValueError(f"grid must have a floating dtype, got {grid.dtype.name}")
+    if images.shape.rank != 4:
+        raise ValueError(f"images must have shape [B, H, W, C], got {images.shape}")
+    if grid.shape.rank != 4 or grid.shape[-1] != 2:
+        raise ValueError(f"grid must have shape [B, H', W', 2], got {grid.shape}")
+    if 0 in images.shape[1:3]:
+        raise ValueError(f"images must have a positive height and width, got {images.shape}")
+    batches = (images.shape[0], grid.shape[0])
+    if None not in batches and batches[0] != batches[1]:
+        raise ValueError(
+            f"images and grid must have the same batch size, got {images.shape} and {grid.shape}"
+        )
+
+
+def _compute_dtype(images, grid):
+    if tf.float64 in (images.dtype, grid.dtype):
+        return tf.float64
+    return tf.float32
+
+
+def _source_coordinate(coord, size, padding_mode, align_corners):
+    """Pixel coordinate of a normalized one, and its derivative with respect to it."""
     size = tf.cast(size, coord.dtype)
     if align_corners:
-        return (coord + 1.0) * 0.5 * (size - 1.0)
-    return ((coord + 1.0) * size - 1.0) * 0.5
+        scale = (size - 1.0) * 0.5
+        pixel = (coord + 1.0) * scale
+    else:
+        scale = size * 0.5
+        pixel = (coord + 1.0) * scale - 0.5
+    if padding_mode == "border":
+        # PyTorch's clip_coordinates_set_grad: the derivative is zero on and beyond the edges.
+        inside = (pixel > 0.0) & (pixel < size - 1.0)
+        scale = tf.where(inside, scale, tf.zeros_like(scale))
+        pixel = tf.clip_by_value(pixel, 0.0, size - 1.0)
+    return pixel, scale
+
+
+def _floor_and_fraction(pixel, size):
+    """Integer floor (kept in [-2, size] so the cast is safe) and the unclipped fraction."""
+    floor = tf.floor(tf.clip_by_value(pixel, -2.0, tf.cast(size, pixel.dtype)))
+    return tf.cast(floor, tf.int32), pixel - floor
+
+
+def _sample(images, x, y, scale_x, scale_y):
+    """Bilinear sample of images [B, H, W, C] at pixel coordinates x, y [B, H', W']."""
+    shape = tf.shape(images)
+    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    x0, fx = _floor_and_fraction(x, width)
+    y0, fy = _floor_and_fraction(y, height)
+    # A point touches the image iff its top-left tap lies in [-1, size - 1] on both axes; then all
+    # four taps lie in the image padded by one pixel of zeros. Other points sample zero.
+    touches = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
+    touches = tf.cast(touches, x.dtype)
+    padded_width = width + 2
+    padded_size = (height + 2) * padded_width
+    top_left = (
+        tf.reshape(tf.range(batch) * padded_size, [-1, 1, 1])
+        + (tf.clip_by_value(y0, -1, height - 1) + 1) * padded_width
+        + tf.clip_by_value(x0, -1, width - 1)
+        + 1
+    )
+    offsets = [0, 1, padded_width, padded_width + 1]
+    padded = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]]), [-1, channels])
+    t00, t01, t10, t11 = (tf.gather(padded, top_left + offset) for offset in offsets)
+    gx, gy = (1.0 - fx) * touches, 1.0 - fy
+    fx = fx * touches
+    w00, w01, w10, w11 = (w[..., None] for w in (gx * gy, fx * gy, gx * fy, fx * fy))
+    output = w00 * t00 + w01 * t01 + w10 * t10 + w11 * t11
+
+    def backward(upstream):
+        # Scalar segment sums into the padded image, one per tap: element (tap, channel).
+        elements = top_left[..., None] * channels + tf.range(channels)
+        padded_grad = tf.add_n(
+            [
+                tf.math.unsorted_segment_sum(
+                    tf.reshape(weight * upstream, [-1]),
+                    tf.reshape(elements + offset * channels, [-1]),
+                    batch * padded_size * channels,
+                )
+                for weight, offset in zip((w00, w01, w10, w11), offsets, strict=True)
+            ]
+        )
+        padded_grad = tf.reshape(padded_grad, [batch, height + 2, padded_width, channels])
+        images_grad = padded_grad[:, 1:-1, 1:-1, :]
+        d_dx = gy[..., None] * (t01 - t00) + fy[..., None] * (t11 - t10)
+        d_dy = gx[..., None] * (t10 - t00) + fx[..., None] * (t11 - t01)
+        x_grad = tf.reduce_sum(upstream * d_dx, axis=-1) * touches * scale_x
+        y_grad = tf.reduce_sum(upstream * d_dy, axis=-1) * touches * scale_y
+        return images_grad, x_grad, y_grad
+
+    return output, backward
 
 
 def bilinear_sample(images, grid, padding_mode="zeros", align_corners=False):
     """Samples images [B, H, W, C] at grid [B, H', W', 2] of normalized (x, y); -> [B, H', W', C].
 
-    Taps outside the image read zero ("zeros") or the coordinates are clamped to the image
-    ("border"). The bilinear weights come from the unclipped coordinates, so gradients with
-    respect to the grid are exact at the borders too.
+    Same meaning as PyTorch's `F.grid_sample(mode="bilinear")`: taps outside the image read zero
+    ("zeros"), or the coordinates are first clamped to the image ("border"). The bilinear weights
+    come from the unclipped coordinates, so the gradients are exact at the borders too. The
+    result has the dtype of images; grid may have another floating dtype.
     """
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     images = tf.convert_to_tensor(images)
-    grid = tf.convert_to_tensor(grid, dtype=images.dtype)
-    if images.shape.rank != 4:
-        raise ValueError(f"images must have rank 4 [B, H, W, C], got {images.shape.as_list()}")
-    if grid.shape.rank != 4 or grid.shape[-1] != 2:
-        raise ValueError(f"grid must have shape [B, H', W', 2], got {grid.shape.as_list()}")
-    shape = tf.shape(images)
-    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
-    x = _unnormalize(grid[..., 0], width, align_corners)
-    y = _unnormalize(grid[..., 1], height, align_corners)
-    if padding_mode == "border":
-        x = tf.clip_by_value(x, 0.0, tf.cast(width - 1, x.dtype))
-        y = tf.clip_by_value(y, 0.0, tf.cast(height - 1, y.dtype))
-    x0 = tf.floor(x)
-    y0 = tf.floor(y)
-    wx1 = x - x0
-    wy1 = y - y0
-    wx0 = 1.0 - wx1
-    wy0 = 1.0 - wy1
-    x0 = tf.cast(x0, tf.int32)
-    y0 = tf.cast(y0, tf.int32)
-    flat = tf.reshape(images, [-1, channels])
-    base = tf.reshape(tf.range(batch) * height * width, [-1, 1, 1])
-    out = 0.0
-    for dx, dy, weight in (
-        (0, 0, wx0 * wy0),
-        (1, 0, wx1 * wy0),
-        (0, 1, wx0 * wy1),
-        (1, 1, wx1 * wy1),
-    ):
-        xi = x0 + dx
-        yi = y0 + dy
-        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-        index = (
-            base + tf.clip_by_value(yi, 0, height - 1) * width + tf.clip_by_value(xi, 0, width - 1)
-        )
-        weight = tf.where(inside, weight, tf.zeros_like(weight))
-        out += tf.gather(flat, index) * weight[..., None]
-    return out
+    grid = tf.convert_to_tensor(grid, dtype_hint=images.dtype)
+    _check_arguments(images, grid, padding_mode)
+    compute_dtype = _compute_dtype(images, grid)
+    output_dtype, grid_dtype = images.dtype, grid.dtype
+
+    @tf.custom_gradient
+    def sample(images, grid):
+        shape = tf.shape(images)
+        values = tf.cast(images, compute_dtype)
+        coords = tf.cast(grid, compute_dtype)
+        x, scale_x = _source_coordinate(coords[..., 0], shape[2], padding_mode, align_corners)
+        y, scale_y = _source_coordinate(coords[..., 1], shape[1], padding_mode, align_corners)
+        output, backward = _sample(values, x, y, scale_x, scale_y)
+
+        def grad(upstream):
+            images_grad, x_grad, y_grad = backward(tf.cast(upstream, compute_dtype))
+            grid_grad = tf.stack([x_grad, y_grad], axis=-1)
+            return tf.cast(images_grad, output_dtype), tf.cast(grid_grad, grid_dtype)
+
+        return tf.cast(output, output_dtype), grad
+
+    return sample(images, grid)

@@ -1,0 +1,149 @@
+"""Sampler speed: forward + backward of bilinear_sample against PyTorch's F.grid_sample on CPU.
+
+For each shape, times one training-style step (sample, loss = sum(output * weights), gradients
+with respect to the images and the grid) eagerly, in tf.function and with XLA, and the same step
+in PyTorch when torch is importable. All modes of one shape are timed in turn, round after round,
+so the ratios compare like with like on a shared machine. Prints a table and the peak RSS.
+
+    .venv/bin/python benchmarks/bench_sampler.py [--threads N] [--repeats R]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+from _util import peak_rss_mib, print_table, time_calls
+
+# (batch, input height, input width, channels, output height, output width, repeats scale)
+SHAPES = [
+    (256, 28, 28, 1, 28, 28, 1.0),
+    (64, 60, 60, 1, 30, 30, 1.0),
+    (32, 224, 224, 3, 224, 224, 0.25),
+]
+
+
+def random_affine(rng, batch):
+    """Rotations of +-45 degrees, scales 0.8-1.2 and shifts, so some points leave the image."""
+    angle = rng.uniform(-np.pi / 4, np.pi / 4, batch)
+    scale = rng.uniform(0.8, 1.2, batch)
+    shift = rng.uniform(-0.2, 0.2, (batch, 2))
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    rows = [np.stack([cos, -sin, shift[:, 0]], -1), np.stack([sin, cos, shift[:, 1]], -1)]
+    return np.stack(rows, 1).astype(np.float32)
+
+
+def tensorflow_steps():
+    """{mode: step(images, grid, weights) -> (output, images_grad, grid_grad)}."""
+    import tensorflow as tf
+
+    from stn_model import bilinear_sample
+
+    def step(images, grid, weights):
+        with tf.GradientTape() as tape:
+            tape.watch([images, grid])
+            output = bilinear_sample(images, grid)
+            loss = tf.reduce_sum(output * weights)
+        return (output, *tape.gradient(loss, [images, grid]))
+
+    return {
+        "eager": step,
+        "tf.function": tf.function(step),
+        "xla": tf.function(step, jit_compile=True),
+    }
+
+
+def torch_step():
+    """PyTorch's step on NCHW copies of the inputs, or None when torch is not importable."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+
+    def step(images, grid, weights):
+        output = F.grid_sample(images, grid, mode="bilinear", align_corners=False)
+        loss = (output * weights).sum()
+        return (output, *torch.autograd.grad(loss, [images, grid]))
+
+    return step
+
+
+def to_torch(images, grid, weights):
+    import torch
+
+    images = torch.tensor(images).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    grid = torch.tensor(grid).requires_grad_()
+    return images, grid, torch.tensor(weights).permute(0, 3, 1, 2).contiguous()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, help="intra-op threads of TF and torch")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    from stn_model import affine_grid
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    steps = tensorflow_steps()
+    reference = torch_step()
+    if reference is not None and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    for batch, height, width, channels, out_h, out_w, scale in SHAPES:
+        rng = np.random.default_rng(0)
+        images = rng.uniform(0, 1, (batch, height, width, channels)).astype(np.float32)
+        grid = affine_grid(random_affine(rng, batch), (out_h, out_w)).numpy()
+        weights = rng.normal(size=(batch, out_h, out_w, channels)).astype(np.float32)
+        tf_args = [tf.constant(a) for a in (images, grid, weights)]
+        calls = {
+            mode: (lambda step=step, tf_args=tf_args: [t.numpy() for t in step(*tf_args)])
+            for mode, step in steps.items()
+        }
+        difference = None
+        if reference is not None:
+            torch_args = to_torch(images, grid, weights)
+            calls["pytorch"] = lambda torch_args=torch_args: reference(*torch_args)
+            ours = steps["tf.function"](*tf_args)[0].numpy()
+            theirs = reference(*torch_args)[0].detach().permute(0, 2, 3, 1).numpy()
+            difference = float(np.abs(ours - theirs).max())
+        timings = time_calls(calls, repeats=max(3, round(args.repeats * scale)))
+        label = f"[{batch},{height},{width},{channels}]->{out_h}x{out_w}"
+        for mode, timing in timings.items():
+            ratio = timing.ratio(timings["pytorch"]) if reference is not None else None
+            rows.append(
+                [
+                    label,
+                    mode,
+                    timing.wall_ms,
+                    timing.cpu_ms,
+                    ratio.wall_ms if ratio else "-",
+                    ratio.cpu_ms if ratio else "-",
+                    f"{difference:.1e}" if difference is not None and mode == "pytorch" else "",
+                ]
+            )
+    print("bilinear_sample forward+backward, float32, zeros padding, align_corners=False")
+    print_table(
+        ["shape", "mode", "wall ms", "cpu ms", "wall/pytorch", "cpu/pytorch", "max|ours-pt|"],
+        rows,
+    )
+    if reference is None:
+        print("PyTorch is not importable: no comparison (install torch==2.13.0, see bench.sh).")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
