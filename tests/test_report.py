@@ -1,0 +1,294 @@
+"""pipeline.report: the page from hand-built facts (fast), and from a tiny real run (slow).
+
+Every page is checked the same way: parsed with html.parser, every src/href must be a relative
+path that resolves inside the report folder, and every image a PNG that Pillow decodes.
+"""
+
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import cli, report, spans, summary
+from pipeline.configs import load_config
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []  # (tag, attribute, value)
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [(tag, name, value) for name, value in attrs if name in ("src", "href")]
+
+
+def page_links(index_html):
+    parser = _Links()
+    with open(index_html, encoding="utf-8") as handle:
+        parser.feed(handle.read())
+    return parser.links
+
+
+def check_self_contained(index_html):
+    """Assert every link stays inside the page's folder and every image is a valid PNG."""
+    folder = os.path.realpath(os.path.dirname(index_html))
+    links = page_links(index_html)
+    for tag, _, value in links:
+        parts = urlsplit(value)
+        assert not parts.scheme and not parts.netloc, value
+        assert not os.path.isabs(value), value
+        target = os.path.realpath(os.path.join(folder, value))
+        assert os.path.commonpath([folder, target]) == folder, value
+        assert os.path.isfile(target), value
+        if tag == "img":
+            with Image.open(target) as image:
+                assert image.format == "PNG"
+                image.load()  # decodes the whole file
+    return [value for tag, _, value in links if tag == "img"]
+
+
+def identity_grids(count, height, width):
+    """[count, height, width, 2] normalized (x, y) pixel centres (align_corners=False)."""
+    ys = (2 * np.arange(height) + 1) / height - 1
+    xs = (2 * np.arange(width) + 1) / width - 1
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1)
+    return np.repeat(grid[None], count, axis=0)
+
+
+def hand_built_facts():
+    rng = np.random.default_rng(0)
+    results = summary.RunReport(
+        spans=[(3, {"train": 1200, "eval": 300})],
+        anomalies=["eval: feature 'label' has value 11 outside the domain <0..9>"],
+        metrics={
+            "Overall": {"candidate": 0.85, "baseline": 0.9, "examples": 300},
+            "label:3": {"candidate": 0.8, "baseline": 0.75, "examples": 30},
+            "variant:rts": {"candidate": 0.85, "examples": 300},
+        },
+        blessed=False,
+        why=["failed: eval accuracy >= 0.5 and at most 0.01 below the baseline"],
+        pushed_to=None,
+        push_note="not pushed: the Evaluator did not bless the model; serving keeps version 7",
+        timings={},
+    )
+    samples = [
+        report.VariantSamples(
+            variant=variant,
+            labels=[1, 2, 3],
+            inputs=rng.random((3, 42, 42)),
+            rectified=rng.random((3, 28, 28)),
+            grids=identity_grids(3, 28, 28) * 0.6 if with_grid else None,
+        )
+        for variant, with_grid in (("rts", True), ("<odd & name>", False))
+    ]
+    return report.ReportFacts(
+        run_id="2026-11-25T14:00:00.5",
+        pipeline_name="stn-pipeline",
+        results=results,
+        samples=samples,
+        samples_note="eval images of span 3",
+        grid_note="grids <rebuilt>",
+        history={"loss": [2.3, 1.1, 0.7], "val_loss": [2.0, 1.3, 0.9], "accuracy": [0.2, 0.6, 0.8]},
+        history_note="TensorBoard logs",
+    )
+
+
+def test_page_from_hand_built_facts_is_self_contained(tmp_path):
+    index = report.write_report(hand_built_facts(), str(tmp_path / "r"))
+    assert index == str(tmp_path / "r" / "index.html")
+    images = check_self_contained(index)
+    # Rectification per variant, one grid (only "rts" has grids), curves, slice metrics.
+    assert sorted(images) == [
+        "grid-0-rts.png",
+        "rectified-0-rts.png",
+        "rectified-1-odd-name.png",
+        "slice-metrics.png",
+        "training-curves.png",
+    ]
+    assert sorted(os.listdir(tmp_path / "r")) == sorted([*images, "index.html"])
+
+
+def test_page_states_the_facts(tmp_path):
+    index = report.write_report(hand_built_facts(), str(tmp_path / "r"))
+    page = Path(index).read_text(encoding="utf-8")
+    assert "span 3: train 1,200, eval 300 examples" in page
+    assert "1 found" in page and "value 11 outside the domain &lt;0..9&gt;" in page
+    assert "NOT BLESSED" in page
+    # Candidate and baseline per slice, and the change: 0.85 - 0.90 and 0.80 - 0.75.
+    assert "<td>Overall</td><td>300</td><td>0.8500</td><td>0.9000</td><td>-0.0500</td>" in page
+    assert "<td>label:3</td><td>30</td><td>0.8000</td><td>0.7500</td><td>+0.0500</td>" in page
+    assert "<td>variant:rts</td><td>300</td><td>0.8500</td><td>&ndash;</td>" in page
+    assert "overall accuracy 0.8500 against the baseline's 0.9000" in page
+    assert "serving keeps version 7" in page
+    # Text from the facts is escaped, never markup.
+    assert "variant &lt;odd &amp; name&gt;" in page and "<odd" not in page
+    assert "grids &lt;rebuilt&gt;" in page
+
+
+def test_page_of_a_run_without_results_says_so(tmp_path):
+    facts = hand_built_facts()
+    facts.results = summary.RunReport(
+        spans=[],
+        anomalies=[],
+        metrics={},
+        blessed=None,
+        why=["the Evaluator did not run"],
+        pushed_to=None,
+        push_note="not pushed: the pipeline stopped before the Pusher; nothing is served yet",
+        timings={},
+    )
+    facts.samples, facts.history = [], {}
+    index = report.write_report(facts, str(tmp_path / "r"))
+    assert check_self_contained(index) == []
+    page = Path(index).read_text(encoding="utf-8")
+    for words in ("no ingested data", "Anomalies</h2><p class='ok'>none", "not evaluated"):
+        assert words in page
+    assert "the Evaluator did not run: no metrics" in page
+    assert "stopped before the Pusher" in page
+    assert os.listdir(tmp_path / "r") == ["index.html"]
+
+
+def test_pushed_version_is_shown(tmp_path):
+    facts = hand_built_facts()
+    facts.results.pushed_to = "/srv/home/serving/stn/1795618300"
+    facts.results.blessed = True
+    page = Path(report.write_report(facts, str(tmp_path))).read_text(encoding="utf-8")
+    assert "pushed to <code>/srv/home/serving/stn/1795618300</code>" in page
+    assert ">BLESSED<" in page
+
+
+def test_samples_cover_every_class_before_repeating_one():
+    examples = [("rts", label, f"{label}-{i}".encode()) for label in (0, 1, 2) for i in range(4)]
+    examples += [("r", 5, b"r5")]
+    picked = report.pick_samples(examples, count=5)
+    assert list(picked) == ["r", "rts"]
+    assert picked["r"] == [(5, b"r5")]
+    assert picked["rts"] == [(0, b"0-0"), (1, b"1-0"), (2, b"2-0"), (0, b"0-1"), (1, b"1-1")]
+
+
+def test_training_curves_come_from_the_epoch_scalars_of_the_event_files(tmp_path):
+    import tensorflow as tf
+    from ml_metadata.proto import metadata_store_pb2
+
+    written = {"train": {"loss": [2.0, 1.5, 1.0]}, "validation": {"loss": [2.5, 2.0, 1.75]}}
+    for folder, metrics in written.items():
+        with tf.summary.create_file_writer(str(tmp_path / folder)).as_default():
+            for epoch in (2, 0, 1):  # out of order: the report sorts by step
+                tf.summary.scalar("epoch_loss", metrics["loss"][epoch], step=epoch)
+                tf.summary.scalar("evaluation_loss_vs_iterations", 9.0, step=epoch)
+    model_run = metadata_store_pb2.Artifact(uri=str(tmp_path))
+    nodes = {"Trainer": summary.NodeRun("Trainer", "COMPLETE", 1.0, {"model_run": [model_run]})}
+    history, note = report._history(nodes)
+    assert history == {"loss": [2.0, 1.5, 1.0], "val_loss": [2.5, 2.0, 1.75]}
+    assert str(tmp_path) in note
+
+
+@pytest.mark.parametrize(
+    ("run_id", "folder"),
+    [("2026-11-25T14:48:35.123456", "2026-11-25T14-48-35.123456"), ("../x/y", "x-y")],
+)
+def test_folder_name_is_one_safe_path_component(run_id, folder):
+    assert report.folder_name(run_id) == folder
+
+
+def test_home_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["report", "--home", str(tmp_path / "empty")]) == 2
+    error = capsys.readouterr().err
+    assert "has no pipeline run yet" in error and "stn-pipeline run --home" in error
+
+
+# --- a tiny real run -----------------------------------------------------------------------
+
+RUN_CONFIG = """
+model: st_cnn_affine
+batch_size: 16
+train_steps: 4
+accuracy_floor: 0.0
+"""
+
+
+def stn(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data, home = root / "data", root / "home"
+    spans.write_span(data, span=1, per_class=3, copies=1, report=lambda line: None)
+    (root / "config.yaml").write_text(RUN_CONFIG)
+    common = ["--home", str(home), "--config", str(root / "config.yaml")]
+    done = stn("run", *common, "--data-root", str(data))
+    assert done.returncode == 0, done.stdout + done.stderr
+    made = stn("report", *common)
+    assert made.returncode == 0, made.stdout + made.stderr
+    config = load_config(str(root / "config.yaml"), home=str(home), data_root=str(data))
+    return {"config": config, "stdout": made.stdout}
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_is_self_contained(tiny_run):
+    config = tiny_run["config"]
+    (run_id,) = report.run_ids(config)
+    index = tiny_run["stdout"].strip().splitlines()[-1]
+    assert index == os.path.join(
+        config.home_dir, "reports", report.folder_name(run_id), "index.html"
+    )
+    images = check_self_contained(index)
+    # The default span is all RTS: one variant, its grids, the curves, the slice chart.
+    assert sorted(images) == [
+        "grid-0-rts.png",
+        "rectified-0-rts.png",
+        "slice-metrics.png",
+        "training-curves.png",
+    ]
+    page = Path(index).read_text(encoding="utf-8")
+    assert "BLESSED" in page and "pushed to <code>" + config.serving_dir in page
+    assert "rebuilt from the SavedModel" in page
+
+
+@pytest.mark.slow
+def test_real_run_facts_agree_with_the_artifacts(tiny_run):
+    from scipy import ndimage
+
+    from stn_model.visualize import normalized_to_pixels
+
+    facts = report.collect_facts(tiny_run["config"])
+    (sample,) = facts.samples
+    assert sample.variant == "rts" and len(sample.labels) == report.SAMPLES_PER_VARIANT
+    # Eight eval images of eight different classes, one per class before any repeats.
+    assert len(set(sample.labels)) == report.SAMPLES_PER_VARIANT
+    # The drawn grids are the ones the model sampled with: bilinear sampling of the inputs at
+    # the grids' pixel coordinates (SciPy, zeros outside) gives the `rectify` images.
+    height, width = sample.inputs.shape[1:]
+    for image, grid, rectified in zip(sample.inputs, sample.grids, sample.rectified, strict=True):
+        x, y = np.moveaxis(normalized_to_pixels(grid, height, width), -1, 0)
+        padded = np.pad(image, 1)  # zeros around, so edge pixels blend towards 0 as in the model
+        expected = ndimage.map_coordinates(padded, [y + 1, x + 1], order=1, mode="constant")
+        np.testing.assert_allclose(rectified, expected, atol=1e-4)
+    # Training curves: one value per epoch (4 steps of 2 per epoch = 2 epochs), train and eval.
+    assert set(facts.history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(facts.history[name]) == 2 for name in ("loss", "val_loss"))
+    assert facts.results.blessed is True
+
+
+@pytest.mark.slow
+def test_unknown_run_is_a_clear_error(tiny_run):
+    config = tiny_run["config"]
+    (run_id,) = report.run_ids(config)
+    with pytest.raises(ValueError, match=f"--run 'nope': no such run; runs: {run_id}"):
+        report.collect_facts(config, "nope")
