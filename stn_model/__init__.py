@@ -6,6 +6,17 @@ import os
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 from stn_model.grids import affine_grid, projective_grid, tps_grid
+from stn_model.layers import SpatialTransformer
+from stn_model.models import MODEL_NAMES, build_model, rectifier
 from stn_model.sampling import bilinear_sample
 
-__all__ = ["affine_grid", "bilinear_sample", "projective_grid", "tps_grid"]
+__all__ = [
+    "MODEL_NAMES",
+    "SpatialTransformer",
+    "affine_grid",
+    "bilinear_sample",
+    "build_model",
+    "projective_grid",
+    "rectifier",
+    "tps_grid",
+]

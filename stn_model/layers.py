@@ -1,0 +1,161 @@
+"""The `SpatialTransformer` Keras layer (Jaderberg et al. 2015, arXiv 1506.02025, Sec. 3).
+
+A spatial transformer is three parts: a localization network that looks at the input and
+regresses the parameters of a transform, a grid generator that maps every output pixel to a
+sampling point in the input, and a sampler that reads the input bilinearly at those points.
+This layer takes the localization network's feature extractor from the caller and adds the
+regression head itself, started at the identity transform (zero kernel, identity bias, the
+paper's advice), so any Keras layer or model that maps images to features can be passed in.
+"""
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from stn_model.grids import affine_grid, projective_grid, tps_control_points, tps_grid
+from stn_model.sampling import PADDING_MODES, bilinear_sample
+
+TRANSFORMS = ("affine", "projective", "tps")
+
+
+def identity_parameters(transform, tps_grid_size=4):
+    """The flat parameter vector of the identity transform, float32.
+
+    affine: the 2x3 matrix [[1, 0, 0], [0, 1, 0]] row by row (6 values); projective: the
+    3x3 homography row by row without its last entry, which is fixed at 1 (8 values); tps: the
+    (x, y) targets of the K x K control points, equal to the points themselves (2*K*K values).
+    """
+    if transform == "affine":
+        return np.array([1, 0, 0, 0, 1, 0], dtype=np.float32)
+    if transform == "projective":
+        return np.array([1, 0, 0, 0, 1, 0, 0, 0], dtype=np.float32)
+    if transform == "tps":
+        return tps_control_points(tps_grid_size, dtype=np.float32).ravel()
+    raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+
+
+_GRID_GENERATORS = {"affine": affine_grid, "projective": projective_grid, "tps": tps_grid}
+
+
+@keras.saving.register_keras_serializable(package="stn_model")
+class SpatialTransformer(keras.layers.Layer):
+    """Warps its input images [B, H, W, C] to [B, out_h, out_w, C] with a learned transform.
+
+    Args:
+      localization_net: a Keras layer or model mapping the input images to features (any
+        shape; they are flattened). The layer adds the regression head on top: a float32
+        Dense layer with as many units as the transform has parameters (affine 6,
+        projective 8, tps 2*K*K), zero kernel and identity bias.
+      output_size: (height, width) of the rectified output.
+      transform: "affine", "projective" or "tps" (thin-plate spline on a K x K grid of
+        control points, K = tps_grid_size).
+      tps_grid_size: K for transform="tps" (ignored otherwise).
+      padding_mode: where the grid leaves the input: "zeros" reads 0, "border" the nearest
+        edge pixel.
+      align_corners: the sampling convention of PyTorch's `F.grid_sample`. With the default
+        False, the identity transform and output_size equal to the input size return the
+        input exactly.
+
+    Under mixed precision the localization net runs in the compute dtype, the head and the
+    grid in float32 (small errors in the transform move every pixel), and the sampling in
+    the compute dtype again.
+
+    `rectify(images)` returns (rectified, transform parameters, grid) for visualization;
+    `stn_model.models.rectifier(model)` builds the sub-model input -> rectified image.
+    """
+
+    def __init__(
+        self,
+        localization_net,
+        output_size,
+        transform="affine",
+        tps_grid_size=4,
+        padding_mode="zeros",
+        align_corners=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(localization_net, keras.layers.Layer):
+            raise ValueError(
+                "localization_net must be a Keras layer or model mapping images to features, "
+                f"got {type(localization_net).__name__}"
+            )
+        if transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        if not isinstance(tps_grid_size, int) or tps_grid_size < 2:
+            raise ValueError(f"tps_grid_size must be an integer >= 2, got {tps_grid_size!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        try:
+            height, width = (int(v) for v in output_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"output_size must be (height, width), got {output_size!r}") from None
+        if height <= 0 or width <= 0:
+            raise ValueError(f"output_size must be positive, got {output_size!r}")
+        self.localization_net = localization_net
+        self.output_size = (height, width)
+        self.transform = transform
+        self.tps_grid_size = tps_grid_size
+        self.padding_mode = padding_mode
+        self.align_corners = bool(align_corners)
+        identity = identity_parameters(transform, tps_grid_size)
+        self.flatten = keras.layers.Flatten(name="features")
+        self.head = keras.layers.Dense(
+            identity.size,
+            kernel_initializer="zeros",
+            bias_initializer=keras.initializers.Constant(identity),
+            dtype="float32",
+            name="transform_head",
+        )
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def transform_parameters(self, images, training=None):
+        """The flat transform parameters [B, P] (float32) the head predicts for `images`."""
+        features = self.flatten(self.localization_net(images, training=training))
+        return self.head(features)
+
+    def rectify(self, images, training=None):
+        """(rectified [B, out_h, out_w, C], parameters [B, P] float32, grid [B, out_h, out_w, 2]).
+
+        The grid holds normalized (x, y) input coordinates in [-1, 1] for every output pixel
+        (PyTorch's convention), float32; the parameters are laid out as in
+        `identity_parameters`.
+        """
+        images = tf.cast(images, self.compute_dtype)
+        parameters = self.transform_parameters(images, training=training)
+        generate = _GRID_GENERATORS[self.transform]
+        grid = generate(parameters, self.output_size, align_corners=self.align_corners)
+        rectified = bilinear_sample(
+            images,
+            tf.cast(grid, images.dtype),
+            padding_mode=self.padding_mode,
+            align_corners=self.align_corners,
+        )
+        return rectified, parameters, grid
+
+    def call(self, inputs, training=None):
+        return self.rectify(inputs, training=training)[0]
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        return tf.TensorShape([input_shape[0], *self.output_size, input_shape[-1]])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            localization_net=keras.layers.serialize(self.localization_net),
+            output_size=list(self.output_size),
+            transform=self.transform,
+            tps_grid_size=self.tps_grid_size,
+            padding_mode=self.padding_mode,
+            align_corners=self.align_corners,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["localization_net"] = keras.layers.deserialize(
+            config["localization_net"], custom_objects=custom_objects
+        )
+        return cls(**config)

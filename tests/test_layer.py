@@ -1,0 +1,250 @@
+"""SpatialTransformer: identity start, serialization, saving, mixed precision, learning."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from scipy import ndimage
+from sklearn.datasets import load_digits
+
+from stn_model import SpatialTransformer, affine_grid, bilinear_sample
+from stn_model.grids import tps_control_points
+from stn_model.layers import TRANSFORMS, identity_parameters
+
+RNG = np.random.default_rng(0)
+
+
+def small_localization():
+    return keras.Sequential(
+        [keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.GlobalAveragePooling2D()]
+    )
+
+
+def images(batch=3, height=12, width=10, channels=2):
+    return RNG.random((batch, height, width, channels), dtype=np.float32)
+
+
+def perturb_head(layer, scale=0.05):
+    """Moves the head off the identity so outputs depend on the input (and on every weight)."""
+    kernel, bias = layer.head.get_weights()
+    layer.head.set_weights([RNG.normal(0, scale, kernel.shape).astype(np.float32), bias])
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_identity_at_initialisation_returns_the_input(transform):
+    x = images()
+    layer = SpatialTransformer(small_localization(), (12, 10), transform=transform)
+    rectified, parameters, grid = layer.rectify(x)
+    np.testing.assert_allclose(rectified.numpy(), x, atol=1e-5)
+    identity = identity_parameters(transform)
+    np.testing.assert_array_equal(parameters.numpy(), np.tile(identity, (3, 1)))
+    assert grid.shape == (3, 12, 10, 2)
+
+
+def test_identity_parameters_match_the_grid_generators_conventions():
+    np.testing.assert_array_equal(identity_parameters("affine"), [1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(identity_parameters("projective"), [1, 0, 0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(identity_parameters("tps", 3), tps_control_points(3).ravel())
+    assert identity_parameters("tps", 5).shape == (50,)
+
+
+def test_identity_downscale_equals_bilinear_resampling():
+    # Output pixel (i, j) of a 42 -> 28 identity samples input pixel ((i + 0.5) * 1.5 - 0.5):
+    # align_corners=False maps the outer pixel edges onto each other.
+    x = images(batch=2, height=42, width=42, channels=1)
+    layer = SpatialTransformer(small_localization(), (28, 28))
+    rectified = layer(x).numpy()
+    centres = (np.arange(28) + 0.5) * 42 / 28 - 0.5
+    rows, cols = np.meshgrid(centres, centres, indexing="ij")
+    for b in range(2):
+        expected = ndimage.map_coordinates(x[b, ..., 0], [rows, cols], order=1)
+        np.testing.assert_allclose(rectified[b, ..., 0], expected, atol=1e-5)
+    grid = affine_grid(np.tile(identity_parameters("affine"), (2, 1)), (28, 28))
+    np.testing.assert_allclose(rectified, bilinear_sample(x, grid).numpy(), atol=1e-6)
+
+
+def test_head_has_the_transform_size_and_starts_at_zero_kernel_identity_bias():
+    layer = SpatialTransformer(small_localization(), (8, 8), transform="tps", tps_grid_size=3)
+    layer(images())
+    kernel, bias = layer.head.get_weights()
+    assert kernel.shape == (4, 18)
+    assert not kernel.any()
+    np.testing.assert_array_equal(bias, tps_control_points(3).ravel())
+    localization_weights = {id(w) for w in layer.localization_net.weights}
+    assert localization_weights <= {id(w) for w in layer.trainable_weights}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_get_config_from_config_round_trip(transform):
+    layer = SpatialTransformer(
+        small_localization(),
+        (6, 5),
+        transform=transform,
+        tps_grid_size=3,
+        padding_mode="border",
+        align_corners=True,
+        name="st",
+    )
+    x = images()
+    layer(x)
+    perturb_head(layer)
+    config = layer.get_config()
+    clone = SpatialTransformer.from_config(config)
+    assert clone.get_config() == config
+    assert isinstance(clone.localization_net, keras.Sequential)
+    assert (clone.output_size, clone.transform, clone.padding_mode) == ((6, 5), transform, "border")
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(clone(x).numpy(), layer(x).numpy())
+
+
+def sequential_model(transform="affine"):
+    return keras.Sequential(
+        [
+            keras.Input((12, 10, 2)),
+            SpatialTransformer(small_localization(), (8, 8), transform=transform),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def test_works_in_sequential_and_functional_models():
+    x = images()
+    sequential = sequential_model()
+    assert sequential.layers[0].compute_output_shape((None, 12, 10, 2)) == (None, 8, 8, 2)
+    assert sequential.output_shape == (None, 3)
+    inputs = keras.Input((12, 10, 2))
+    transformer = SpatialTransformer(small_localization(), (8, 8))
+    rectified = transformer(inputs)
+    functional = keras.Model(inputs, [keras.layers.Flatten()(rectified), rectified])
+    flat, out = functional(x)
+    assert out.shape == (3, 8, 8, 2)
+    np.testing.assert_array_equal(flat.numpy(), out.numpy().reshape(3, -1))
+    head_weights = {id(w) for w in transformer.head.weights}
+    assert head_weights <= {id(w) for w in functional.trainable_weights}
+
+
+@pytest.mark.parametrize(
+    ("transform", "path"),
+    [
+        ("affine", "model.keras"),
+        ("projective", "model.h5"),
+        ("tps", "model.keras"),
+        ("affine", "saved_model"),
+    ],
+)
+def test_model_saves_and_reloads_with_identical_outputs(tmp_path, transform, path):
+    model = sequential_model(transform)
+    perturb_head(model.layers[0])
+    x = images()
+    expected = model(x).numpy()
+    model.save(tmp_path / path)
+    reloaded = keras.models.load_model(tmp_path / path)
+    assert isinstance(reloaded.layers[0], SpatialTransformer)
+    assert reloaded.layers[0].transform == transform
+    np.testing.assert_array_equal(reloaded(x).numpy(), expected)
+
+
+def test_saved_model_serves_without_the_layer_class(tmp_path):
+    model = sequential_model("tps")
+    perturb_head(model.layers[0])
+    x = images()
+    tf.saved_model.save(model, str(tmp_path))
+    served = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    (output,) = served(tf.constant(x)).values()
+    np.testing.assert_allclose(output.numpy(), model(x).numpy(), atol=1e-6)
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
+    x = images(height=16, width=16)
+    layer = SpatialTransformer(small_localization(), (16, 16), transform="projective")
+    rectified = layer(x)
+    assert rectified.dtype == tf.float16
+    assert layer.localization_net.compute_dtype == "float16"
+    assert layer.head.kernel.dtype == tf.float32
+    _, parameters, grid = layer.rectify(x)
+    assert (parameters.dtype, grid.dtype) == (tf.float32, tf.float32)
+    perturb_head(layer, scale=0.5)
+    moved = layer(x).numpy().astype(np.float32)
+    parameters = layer.transform_parameters(x)
+    grid = tf.cast(tf.cast(layer.rectify(x)[2], tf.float16), tf.float32)
+    expected = bilinear_sample(tf.cast(tf.cast(x, tf.float16), tf.float32), grid).numpy()
+    assert np.abs(parameters.numpy() - identity_parameters("projective")).max() > 1e-3
+    np.testing.assert_allclose(moved, expected, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"transform": "similarity"}, "transform must be one of"),
+        ({"output_size": (0, 4)}, "output_size must be positive"),
+        ({"output_size": "big"}, "output_size must be"),
+        ({"padding_mode": "reflect"}, "padding_mode must be one of"),
+        ({"transform": "tps", "tps_grid_size": 1}, "tps_grid_size must be"),
+        ({"localization_net": np.zeros(3)}, "localization_net must be a Keras layer"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    arguments = {"localization_net": small_localization(), "output_size": (4, 4), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        SpatialTransformer(**arguments)
+
+
+def shifted_digits(count, canvas=14, seed=0):
+    """sklearn's 8x8 digits at random places of a zero canvas: images [N, C, C, 1], labels."""
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(digits.images), count)
+    offsets = rng.integers(0, canvas - 8 + 1, size=(count, 2))
+    out = np.zeros((count, canvas, canvas, 1), np.float32)
+    for n, (i, (row, col)) in enumerate(zip(index, offsets, strict=True)):
+        out[n, row : row + 8, col : col + 8, 0] = digits.images[i] / 16.0
+    return out, digits.target[index]
+
+
+def linear_st_classifier(learn_transform):
+    """ST (identity-started affine) -> softmax on the pixels; the transformer frozen or not."""
+    localization = keras.Sequential(
+        [keras.layers.Flatten(), keras.layers.Dense(32, activation="relu")]
+    )
+    transformer = SpatialTransformer(localization, (14, 14), trainable=learn_transform)
+    model = keras.Sequential(
+        [
+            keras.Input((14, 14, 1)),
+            transformer,
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", ["accuracy"])
+    return model, transformer
+
+
+def accuracy_on(model, images, labels):
+    return np.mean(np.argmax(model(images).numpy(), axis=1) == labels)
+
+
+def test_the_layer_learns_on_shifted_digits():
+    # A linear classifier cannot undo the shifts; with the transformer learning it can.
+    keras.utils.set_random_seed(0)
+    x_train, y_train = shifted_digits(2048, seed=1)
+    x_test, y_test = shifted_digits(512, seed=2)
+    accuracy = {}
+    for learn_transform in (False, True):
+        model, transformer = linear_st_classifier(learn_transform)
+        before = accuracy_on(model, x_test, y_test)
+        model.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0)
+        accuracy[learn_transform] = accuracy_on(model, x_test, y_test)
+        assert accuracy[learn_transform] > before
+    parameters = transformer.transform_parameters(x_test).numpy()
+    moved = np.abs(parameters - identity_parameters("affine")).mean(axis=0)
+    assert moved.max() > 0.1
+    assert accuracy[True] > accuracy[False] + 0.1
