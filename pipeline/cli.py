@@ -10,7 +10,15 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = []
+COMMAND_MODULES = [
+    "pipeline.data_cmd",
+    "pipeline.serve_cmd",
+    "pipeline.run_cmd",
+    "pipeline.compile_cmd",
+    "pipeline.schedule_cmd",
+    "pipeline.watch_cmd",
+    "pipeline.report_cmd",
+]
 
 
 def build_parser():

@@ -125,9 +125,10 @@ class SpatialTransformer(keras.layers.Layer):
         parameters = self.transform_parameters(images, training=training)
         generate = _GRID_GENERATORS[self.transform]
         grid = generate(parameters, self.output_size, align_corners=self.align_corners)
+        # The grid stays float32: float16 would round coordinates (1/8 px steps at 224 px).
         rectified = bilinear_sample(
             images,
-            tf.cast(grid, images.dtype),
+            grid,
             padding_mode=self.padding_mode,
             align_corners=self.align_corners,
         )
