@@ -1,0 +1,96 @@
+"""Settings of the multi-worker trainer: how many workers, where they run, how they recover.
+
+The settings travel inside the Trainer's `custom_config` under the key `CONFIG_KEY`, so the
+stock Trainer spec (and with it Evaluator, Resolver and Pusher) stays unchanged. The executor
+removes the key again before the Trainer module's `run_fn` sees `custom_config`.
+"""
+
+import dataclasses
+from typing import Any
+
+CONFIG_KEY = "multiworker"
+BACKENDS = ("local", "kubernetes")
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesConfig:
+    """Where and how the Kubernetes backend creates its workers.
+
+    The pipeline root must live on the PersistentVolumeClaim `pvc`, mounted in every worker
+    at `mount_path` (the same path the pipeline uses), so workers read the examples and
+    write the model where the executor expects them.
+    """
+
+    image: str
+    pvc: str
+    mount_path: str
+    namespace: str = "default"
+    gpus_per_worker: int = 0
+    cpu: str | None = None
+    memory: str | None = None
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    service_account: str | None = None
+    port: int = 2222
+    poll_timeout_s: int = 24 * 3600
+
+    def __post_init__(self):
+        for name in ("image", "pvc", "mount_path"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"kubernetes.{name} must be a non-empty string")
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"kubernetes.mount_path must be absolute, got {self.mount_path!r}")
+        if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 0:
+            raise ValueError(
+                f"kubernetes.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}"
+            )
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"kubernetes.port must be in 1..65535, got {self.port!r}")
+        if not isinstance(self.node_selector, dict):
+            raise ValueError("kubernetes.node_selector must be a mapping of label to value")
+        if not isinstance(self.tolerations, list) or not all(
+            isinstance(t, dict) for t in self.tolerations
+        ):
+            raise ValueError("kubernetes.tolerations must be a list of toleration objects")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiWorkerConfig:
+    """`num_workers` workers on `backend`; a failed group restarts up to `max_restarts` times."""
+
+    num_workers: int = 2
+    backend: str = "local"
+    max_restarts: int = 2
+    mixed_precision: bool = False
+    kubernetes: KubernetesConfig | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        if self.backend == "kubernetes" and self.kubernetes is None:
+            raise ValueError("backend 'kubernetes' needs the 'kubernetes' settings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MultiWorkerConfig":
+        """Builds the config from plain values (JSON), naming any unknown field."""
+        values = dict(values)
+        k8s = values.pop("kubernetes", None)
+        _reject_unknown(cls, values, "multiworker")
+        if k8s is not None:
+            _reject_unknown(KubernetesConfig, k8s, "multiworker.kubernetes")
+            values["kubernetes"] = KubernetesConfig(**k8s)
+        return cls(**values)
+
+
+def _reject_unknown(cls, values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")

@@ -1,0 +1,151 @@
+"""The `local` backend: N worker processes on this machine, talking gRPC over loopback.
+
+Each worker is `python -m components.multiworker_worker SPEC --cluster ... --index i` with
+its own `TF_CONFIG` (a cluster of N free loopback ports). Every line a worker prints goes to
+this process's log as `[worker-i] ...`. When a worker fails, the others are stopped and the
+whole group starts again (new ports), up to `max_restarts` times; the Trainer module's
+`BackupAndRestore` checkpoint lets training resume where the last checkpoint left it.
+"""
+
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 25
+_POLL_S = 0.2
+_STOP_GRACE_S = 10
+
+
+class WorkerGroupError(RuntimeError):
+    """The worker group failed more often than it may restart."""
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports that are free on 127.0.0.1 right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+
+
+def checkpoint_step(backup_dir: str) -> int | None:
+    """The training step saved in the latest BackupAndRestore checkpoint, None if there is none."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    if latest is None:
+        return None
+    return int(
+        tf.train.load_checkpoint(latest).get_tensor("train_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    )
+
+
+class _Worker:
+    """One worker process and the threads that copy its output into the log."""
+
+    def __init__(self, index: int, command: list[str], env: dict[str, str]):
+        self.index = index
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        log.info("[launcher] started worker-%d, pid %d", index, self.process.pid)
+        self._readers = [
+            threading.Thread(target=self._copy, args=(self.process.stdout, None), daemon=True),
+            threading.Thread(
+                target=self._copy, args=(self.process.stderr, self.stderr_tail), daemon=True
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _copy(self, pipe, tail) -> None:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            log.info("[worker-%d] %s", self.index, line)
+            if tail is not None:
+                tail.append(line)
+        pipe.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for reader in self._readers:
+            reader.join()
+
+    def failure(self) -> str:
+        code = self.process.returncode
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with code {code}"
+        )
+        tail = "\n".join(self.stderr_tail) or "(nothing)"
+        return f"worker-{self.index} {how}; last lines of its stderr:\n{tail}"
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_USE_LEGACY_KERAS="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines are noise here
+    return env
+
+
+def run_group(spec_path: str, num_workers: int) -> str | None:
+    """Runs one group of workers to the end; returns None on success, else the first failure."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in free_loopback_ports(num_workers))
+    log.info("[launcher] cluster: %s", hosts)
+    base = [sys.executable, "-m", "components.multiworker_worker", spec_path, "--cluster", hosts]
+    env = _worker_env()
+    workers = [_Worker(i, [*base, "--index", str(i)], env) for i in range(num_workers)]
+    try:
+        while True:
+            codes = [w.process.poll() for w in workers]
+            failed = [w for w, code in zip(workers, codes, strict=True) if code not in (None, 0)]
+            if failed:
+                return failed[0].failure()
+            if all(code == 0 for code in codes):
+                return None
+            time.sleep(_POLL_S)
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def run_local(spec_path: str, num_workers: int, max_restarts: int, backup_dir: str) -> None:
+    """Trains with `num_workers` local workers, restarting the group after a failure."""
+    for attempt in range(max_restarts + 1):
+        if attempt:
+            step = checkpoint_step(backup_dir)
+            resume = "step 0 (no checkpoint yet)" if step is None else f"checkpoint step {step}"
+            log.warning(
+                "[launcher] restarting all %d workers (restart %d of %d); resuming from %s",
+                num_workers,
+                attempt,
+                max_restarts,
+                resume,
+            )
+        failure = run_group(spec_path, num_workers)
+        if failure is None:
+            return
+        log.error("[launcher] %s", failure)
+    raise WorkerGroupError(
+        f"training failed after {max_restarts} restart(s) of {num_workers} workers: {failure}"
+    )
