@@ -65,12 +65,13 @@ def build_job(name: str, spec_path: str, config: MultiWorkerConfig) -> dict:
     """The Indexed Job of `config.num_workers` workers running `run_fn` from `spec_path`."""
     k8s = config.kubernetes
     hosts = ",".join(worker_hosts(name, config.num_workers, k8s.port))
-    resources = {}
-    if k8s.gpus_per_worker:
-        resources["limits"] = {"nvidia.com/gpu": str(k8s.gpus_per_worker)}
+    # Limits equal requests (Guaranteed QoS): a worker that is throttled or evicted stalls the
+    # whole group on the next collective.
     requests = {key: value for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)) if value}
-    if requests:
-        resources["requests"] = requests
+    limits = dict(requests)
+    if k8s.gpus_per_worker:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(k8s.gpus_per_worker)
+    resources = {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
     container = {
         "name": CONTAINER,
         "image": k8s.image,
@@ -82,13 +83,33 @@ def build_job(name: str, spec_path: str, config: MultiWorkerConfig) -> dict:
         ],
         "ports": [{"name": "grpc", "containerPort": k8s.port}],
         "resources": resources,
-        "volumeMounts": [{"name": "pipeline-root", "mountPath": k8s.mount_path}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "pipeline-root", "mountPath": k8s.mount_path},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
     }
     pod_spec = {
         "subdomain": name,
         "restartPolicy": "OnFailure",
+        "automountServiceAccountToken": False,
+        # The namespace enforces the "restricted" Pod Security profile (k8s/base).
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
-        "volumes": [{"name": "pipeline-root", "persistentVolumeClaim": {"claimName": k8s.pvc}}],
+        "volumes": [
+            {"name": "pipeline-root", "persistentVolumeClaim": {"claimName": k8s.pvc}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+        ],
     }
     if k8s.node_selector:
         pod_spec["nodeSelector"] = dict(k8s.node_selector)

@@ -491,11 +491,6 @@ def test_the_training_workers_fit_the_deployment(overlay):
     assert worker_tag == (tag + "-gpu" if overlay in GPU_OVERLAYS else tag)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="components/k8s_backend.build_job sets no securityContext and no cpu/memory limits: "
-    "the namespace's restricted Pod Security profile would refuse the worker pods",
-)
 def test_the_training_workers_meet_the_container_policy(overlay):
     job, _ = worker_objects(render(overlay))
     assert container_violations(job) == []

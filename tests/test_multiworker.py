@@ -345,7 +345,10 @@ def test_kubernetes_objects_validate_against_the_kubernetes_1_30_schemas():
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["backoffLimit"] == 6 and pod["restartPolicy"] == "OnFailure"
-    assert worker["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    expected = {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert worker["resources"] == {"requests": expected, "limits": expected}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert worker["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["nodeSelector"] == K8S.node_selector and pod["tolerations"] == K8S.tolerations
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "stn-home"
     assert worker["volumeMounts"][0]["mountPath"] == "/stn_home"
