@@ -1,0 +1,244 @@
+"""The pipeline's configuration: one typed object, loadable from YAML, with overrides.
+
+    config = load_config("my.yaml", train_steps=200)   # file values, then overrides
+    config.data_dir, config.pipeline_root, config.metadata_path, config.serving_dir
+
+Every field has a default, so ``load_config()`` alone gives the default run. A YAML file holds
+a mapping of field names to values; an unknown name or a value of the wrong type is a
+ValueError that names the file and the field.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+
+import yaml
+
+from components.multiworker_config import MultiWorkerConfig
+
+RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
+# The names stn_model.models.build_model knows (not imported here: it loads TensorFlow).
+MODELS = ("cnn", "st_cnn_affine", "st_cnn_projective", "st_cnn_tps", "fcn", "st_fcn")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a run of the pipeline depends on."""
+
+    # Where things live
+    home: str = "./stn_home"
+    data_root: str | None = None  # default: <home>/data
+    pipeline_name: str = "stn-pipeline"
+    model_name: str = "stn"  # served under <home>/serving/<model_name>/<version>/
+    # Training (passed to stn_model.trainer through the Trainer's custom_config)
+    model: str = "st_cnn_affine"
+    epochs: int = 6
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    train_steps: int | None = None  # if set, train this many steps instead of `epochs` epochs
+    eval_steps: int | None = None  # if set, validate on this many batches per epoch
+    image_size: int = 42
+    num_classes: int = 10
+    seed: int = 1
+    # Blessing
+    accuracy_floor: float = 0.9  # eval accuracy a model needs to be blessed at all
+    regression_tolerance: float = 0.01  # how far below the baseline's accuracy it may fall
+    model_check_timeout_s: int = 300
+    # Running
+    enable_cache: bool = True
+    direct_running_mode: str = "in_memory"
+    direct_num_workers: int = 1  # 0: one per CPU core
+    beam_args: tuple[str, ...] = ()  # passed to Beam unchanged (e.g. --runner=FlinkRunner ...)
+    # Multi-worker training: the settings of components.multiworker_config.MultiWorkerConfig
+    # (empty: one worker, the stock Trainer; num_workers defaults to 1 here)
+    multiworker: dict = dataclasses.field(default_factory=dict)
+    # Data spans: ingest span `span` (default: the newest); train on the last `span_window`
+    span: int | None = None
+    span_window: int = 1
+    warm_start_model: str | None = None  # a pushed SavedModel whose weights training starts from
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "beam_args" and isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, "beam_args", value)
+            if not _has_type(value, _FIELD_TYPES[field.name]):
+                raise ValueError(
+                    f"config field {field.name!r} must be {_type_name(field.name)}, got {value!r}"
+                )
+        for name in (
+            "epochs",
+            "batch_size",
+            "image_size",
+            "num_classes",
+            "model_check_timeout_s",
+            "span_window",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_steps", "eval_steps", "span"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.model not in MODELS:
+            raise ValueError(f"config field 'model' must be one of {MODELS}, got {self.model!r}")
+        if not 0 <= self.accuracy_floor <= 1:
+            raise ValueError(
+                f"config field 'accuracy_floor' must be in [0, 1], got {self.accuracy_floor}"
+            )
+        if not 0 <= self.regression_tolerance <= 1:
+            raise ValueError(
+                f"config field 'regression_tolerance' must be in [0, 1], "
+                f"got {self.regression_tolerance}"
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"config field 'learning_rate' must be > 0, got {self.learning_rate}")
+        if self.direct_running_mode not in RUNNING_MODES:
+            raise ValueError(
+                f"config field 'direct_running_mode' must be one of {RUNNING_MODES}, "
+                f"got {self.direct_running_mode!r}"
+            )
+        if self.direct_num_workers < 0:
+            raise ValueError(
+                f"config field 'direct_num_workers' must be >= 0, got {self.direct_num_workers}"
+            )
+        for name in ("pipeline_name", "model_name", "home"):
+            if not getattr(self, name):
+                raise ValueError(f"config field {name!r} must not be empty")
+        if "/" in self.model_name:
+            raise ValueError(
+                f"config field 'model_name' must not contain '/', got {self.model_name!r}"
+            )
+        try:
+            self.multiworker_config()
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"config field 'multiworker': {error}") from None
+
+    def multiworker_config(self):
+        """The `MultiWorkerConfig` of the `multiworker` field (num_workers defaults to 1)."""
+        return MultiWorkerConfig.from_dict({"num_workers": 1, **self.multiworker})
+
+    @property
+    def uses_multiworker_trainer(self):
+        """Whether training needs the multi-worker trainer (several workers, or Kubernetes)."""
+        workers = self.multiworker_config()
+        return workers.num_workers > 1 or workers.backend != "local"
+
+    @property
+    def home_dir(self):
+        return _absolute(self.home)
+
+    @property
+    def data_dir(self):
+        return _absolute(self.data_root or os.path.join(self.home, "data"))
+
+    @property
+    def pipeline_root(self):
+        return os.path.join(self.home_dir, "pipeline_root")
+
+    @property
+    def metadata_path(self):
+        return os.path.join(self.home_dir, "metadata.sqlite")
+
+    @property
+    def serving_dir(self):
+        """Where the Pusher writes versions: <home>/serving/<model_name>/."""
+        return os.path.join(self.home_dir, "serving", self.model_name)
+
+    def trainer_custom_config(self):
+        """What `stn_model.trainer.run_fn` reads from ``fn_args.custom_config``."""
+        names = ("model", "epochs", "batch_size", "learning_rate", "image_size", "num_classes")
+        options = {name: getattr(self, name) for name in (*names, "seed")}
+        if self.warm_start_model is not None:
+            options["warm_start_model"] = self.warm_start_model
+        return options
+
+    def beam_pipeline_args(self):
+        """Beam's arguments: DirectRunner settings, unless `beam_args` picks another runner."""
+        runners = [arg.split("=", 1)[1] for arg in self.beam_args if arg.startswith("--runner=")]
+        if runners and runners[-1] not in ("DirectRunner", "direct"):
+            return list(self.beam_args)
+        direct = [
+            f"--direct_running_mode={self.direct_running_mode}",
+            f"--direct_num_workers={self.direct_num_workers}",
+        ]
+        return direct + list(self.beam_args)
+
+    def replace(self, **overrides):
+        """A copy with `overrides` (field name -> value) applied; None values are ignored."""
+        overrides = {name: value for name, value in overrides.items() if value is not None}
+        _check_names(overrides, "overrides")
+        return dataclasses.replace(self, **overrides)
+
+
+_FIELD_TYPES = typing.get_type_hints(PipelineConfig)
+
+
+def _absolute(path):
+    """`path` made absolute, unless it is a URI with a scheme (gs://, s3://), kept as is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _has_type(value, annotation):
+    if isinstance(annotation, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is tuple:
+        return isinstance(value, tuple) and all(isinstance(item, str) for item in value)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(name):
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+    }
+    annotation = _FIELD_TYPES[name]
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    if options:
+        return " or ".join("null" if o is type(None) else names.get(o, str(o)) for o in options)
+    if typing.get_origin(annotation) is tuple:
+        return "a list of strings"
+    return names.get(annotation, str(annotation))
+
+
+def _check_names(values, where):
+    known = set(_FIELD_TYPES)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config field(s) {unknown}; known: {sorted(known)}")
+
+
+def load_config(path=None, **overrides):
+    """The default config, updated by the YAML file at `path` (if any), then by `overrides`."""
+    values = {}
+    if path is not None:
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle)
+        except OSError as error:
+            raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field names to values")
+        _check_names(loaded, f"config file {path}")
+        values.update(loaded)
+        try:
+            config = PipelineConfig(**values)
+        except ValueError as error:
+            raise ValueError(f"config file {path}: {error}") from None
+    else:
+        config = PipelineConfig()
+    return config.replace(**overrides)

@@ -1,0 +1,157 @@
+"""The TFX pipeline: ingest, validate, train, evaluate against the last blessed model, push.
+
+    ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
+      -> Trainer -> Resolver (latest blessed model) -> Evaluator -> ModelCheck -> Pusher
+
+Orchestrator-neutral: `create_pipeline(config, metadata_connection_config, beam_pipeline_args)`
+returns a `tfx.dsl.Pipeline`; `pipeline.local_runner` runs it on one machine.
+"""
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from components.image_example_gen import ImageExampleGen
+from components.model_check import ModelCheck
+from components.multiworker_trainer import MultiWorkerTrainer
+from pipeline.validation import build_validation
+
+TRAINER_RUN_FN = "stn_model.trainer.run_fn"
+EXAMPLES_SIGNATURE = "serving_examples"  # stn_model.serving.EXAMPLES_SIGNATURE
+LABEL_KEY = "label"
+SLICE_FEATURES = ("label", "variant")
+ACCURACY_METRIC = "sparse_categorical_accuracy"
+
+
+def eval_config(config):
+    """TFMA: accuracy overall, per label and per variant; the blessing thresholds (overall)."""
+    threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.accuracy_floor}),
+        # Ignored by the Evaluator when there is no baseline yet (the first run).
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -config.regression_tolerance},
+        ),
+    )
+    return tfma.EvalConfig(
+        model_specs=[
+            tfma.ModelSpec(
+                signature_name=EXAMPLES_SIGNATURE,
+                label_key=LABEL_KEY,
+                prediction_key="probabilities",
+                model_type=tfma.TF_GENERIC,
+            )
+        ],
+        slicing_specs=[tfma.SlicingSpec()]
+        + [tfma.SlicingSpec(feature_keys=[feature]) for feature in SLICE_FEATURES],
+        metrics_specs=[
+            tfma.MetricsSpec(
+                metrics=[
+                    tfma.MetricConfig(class_name="ExampleCount"),
+                    tfma.MetricConfig(
+                        class_name="SparseCategoricalAccuracy",
+                        # The blessing looks at the overall slice only; the others are reported.
+                        per_slice_thresholds=[
+                            tfma.PerSliceMetricThreshold(
+                                slicing_specs=[tfma.SlicingSpec()], threshold=threshold
+                            )
+                        ],
+                    ),
+                ]
+            )
+        ],
+    )
+
+
+def _span_range(span):
+    """ExampleGen's RangeConfig for ingesting span `span` only (None: the newest span)."""
+    if span is None:
+        return None
+    return tfx.proto.RangeConfig(
+        static_range=tfx.proto.StaticRange(start_span_number=span, end_span_number=span)
+    )
+
+
+def _trainer(config, examples):
+    """The stock Trainer, or the multi-worker one when `config` asks for several workers."""
+    trainer_args = dict(
+        run_fn=TRAINER_RUN_FN,
+        examples=examples,
+        train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=config.train_steps or 0),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"], num_steps=config.eval_steps or 0),
+        custom_config=config.trainer_custom_config(),
+    )
+    if config.uses_multiworker_trainer:
+        return MultiWorkerTrainer(config.multiworker_config(), **trainer_args).with_id("Trainer")
+    return tfx.components.Trainer(**trainer_args)
+
+
+def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=None):
+    """The whole pipeline for `config` (a `pipeline.configs.PipelineConfig`)."""
+    example_gen = ImageExampleGen(
+        input_base=config.data_dir,
+        image_shape=(config.image_size, config.image_size, 1),
+        range_config=_span_range(config.span),
+    )
+    validation = build_validation(example_gen.outputs["examples"])
+
+    training_examples = example_gen.outputs["examples"]
+    span_window = None
+    if config.span_window > 1:
+        # TFX 1.16's ExampleGen ingests one span per run: the window comes from the store.
+        span_window = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.SpanRangeStrategy,
+            config={
+                "range_config": tfx.proto.RangeConfig(
+                    rolling_range=tfx.proto.RollingRange(num_spans=config.span_window)
+                )
+            },
+            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+        ).with_id("span_window_resolver")
+        training_examples = span_window.outputs["examples"]
+    trainer = _trainer(config, training_examples)
+    trainer.add_upstream_node(validation.gate)
+
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=baseline.outputs["model"],
+        eval_config=eval_config(config),
+        example_splits=["eval"],
+    )
+    model_check = ModelCheck(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        timeout_s=config.model_check_timeout_s,
+    )
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        infra_blessing=model_check.outputs["infra_blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)
+        ),
+    )
+    components = [
+        example_gen,
+        *validation.components(),
+        *([span_window] if span_window else []),
+        trainer,
+        baseline,
+        evaluator,
+        model_check,
+        pusher,
+    ]
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name,
+        pipeline_root=config.pipeline_root,
+        components=components,
+        enable_cache=config.enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=beam_pipeline_args or config.beam_pipeline_args(),
+    )

@@ -1,0 +1,167 @@
+"""`stn-pipeline run`: the whole pipeline on this machine, with progress and a summary.
+
+With no arguments: makes the default data set under ``<home>/data`` if it is not there, runs
+ImageExampleGen -> validation -> Trainer -> Evaluator -> ModelCheck -> Pusher with
+LocalDagRunner, and prints what happened. A failing component ends the command with exit
+status 1 and the component's error in words.
+"""
+
+import logging
+import os
+import sys
+import warnings
+
+from components.multiworker_config import BACKENDS
+from pipeline.configs import RUNNING_MODES, load_config
+
+# Our loggers keep INFO (epoch lines, data set progress); the libraries' INFO lines, which
+# drown the progress lines, show with --verbose only.
+_OWN_LOGGERS = ("pipeline", "components", "stn_model")
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline locally (makes the default data set if needed)",
+        description=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--data-root", help="data root of span-N folders (default <home>/data)")
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_run_arguments(parser):
+    """The options that shape a pipeline run (shared with `watch`), all but --data-root."""
+    parser.add_argument("--home", help="output home (default ./stn_home)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
+    parser.add_argument("--model", help="cnn, st_cnn_affine (default), st_cnn_projective, ...")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 6)")
+    parser.add_argument("--train-steps", type=int, help="train this many steps instead of epochs")
+    parser.add_argument("--batch-size", type=int, help="per-replica batch size (default 128)")
+    parser.add_argument("--accuracy-floor", type=float, help="accuracy needed to bless")
+    parser.add_argument("--direct-running-mode", choices=RUNNING_MODES, help="Beam DirectRunner")
+    parser.add_argument("--direct-num-workers", type=int, help="Beam DirectRunner workers")
+    parser.add_argument(
+        "--beam-arg",
+        action="append",
+        dest="beam_args",
+        metavar="ARG",
+        help="a Beam pipeline argument, passed unchanged (repeatable)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="rerun cached components")
+    parser.add_argument(
+        "--workers", type=int, help="training workers (MultiWorkerMirroredStrategy; default 1)"
+    )
+    parser.add_argument("--backend", choices=BACKENDS, help="where training workers run")
+    parser.add_argument(
+        "--mixed-precision", action="store_true", help="train in mixed_float16 (GPU workers)"
+    )
+
+
+def config_from_args(args):
+    """The `PipelineConfig` of the file in ``--config`` with the command line's overrides."""
+    config = load_config(
+        args.config,
+        home=args.home,
+        data_root=args.data_root,
+        model=args.model,
+        epochs=args.epochs,
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        accuracy_floor=args.accuracy_floor,
+        direct_running_mode=args.direct_running_mode,
+        direct_num_workers=args.direct_num_workers,
+        beam_args=tuple(args.beam_args) if args.beam_args else None,
+        enable_cache=False if args.no_cache else None,
+    )
+    workers = {
+        "num_workers": args.workers,
+        "backend": args.backend,
+        "mixed_precision": True if args.mixed_precision else None,
+    }
+    workers = {name: value for name, value in workers.items() if value is not None}
+    if not workers:
+        return config
+    return config.replace(multiworker={**config.multiworker, **workers})
+
+
+def ensure_data(config, report):
+    """Make the default data set under ``<home>/data`` unless a data root already has spans."""
+    from pipeline import spans
+
+    if config.data_root is not None:
+        if not os.path.isdir(config.data_dir):
+            raise ValueError(f"--data-root {config.data_dir} does not exist")
+        return
+    if any(name.startswith("span-") for name in _listdir(config.data_dir)):
+        return
+    report(f"making the default data set under {config.data_dir}")
+    spans.write_span(
+        config.data_dir, span=1, canvas=config.image_size, report=lambda line: report("  " + line)
+    )
+
+
+def _listdir(path):
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def run(args):
+    def report(line):
+        print(line, flush=True)
+
+    try:
+        config = config_from_args(args)
+        ensure_data(config, report)
+    except ValueError as error:
+        print(f"stn-pipeline run: {error}", file=sys.stderr)
+        return 2
+
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+        _quiet_libraries()
+    from pipeline import local_runner, summary
+
+    tfx_pipeline = local_runner.local_pipeline(config)
+    progress = summary.Progress(local_runner.component_ids(tfx_pipeline))
+    from absl import logging as absl_logging
+
+    # TFX logs through absl. Set the level through absl's own flag: TensorFlow's SavedModel
+    # writer saves and restores that flag, and would otherwise leave the logger at WARNING.
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger("absl").addHandler(progress)
+    report(f"running {config.pipeline_name}: home {config.home_dir}, data {config.data_dir}")
+    failed = None
+    try:
+        local_runner.run_local(tfx_pipeline)
+    except Exception as error:  # a failing component: say which one and why, in words
+        failed = (progress.current or "the pipeline", error)
+    finally:
+        logging.getLogger("absl").removeHandler(progress)
+    try:
+        report(summary.format_report(summary.run_report(config)))
+    except Exception as error:  # the summary must not hide the run's own outcome
+        print(f"stn-pipeline run: could not read the run's results: {error}", file=sys.stderr)
+    if failed:
+        where, error = failed
+        print(f"\nFAILED: {where}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries():
+    """Show our INFO lines (indented) and the libraries' errors; hide the libraries' chatter."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.propagate = False
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    absl_logger.addHandler(errors)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    indented = logging.StreamHandler(sys.stdout)
+    indented.setFormatter(logging.Formatter("      %(message)s"))
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(indented)
+        logging.getLogger(name).propagate = False
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,141 @@
+"""The model's preprocessing and export signatures (TensorFlow only, no TFX).
+
+Training and serving share one preprocessing: `DecodeImages` turns encoded PNG/JPEG bytes into
+float images in [0, 1] of the model's input shape, inside the graph. The exported SavedModel has
+
+- ``serving_default``: ``images`` (1-D tf.string, encoded PNG or JPEG) -> ``probabilities``
+  [B, num_classes] float32 and ``classes`` [B] int64;
+- ``rectify``: ``images`` -> ``rectified``, the image the classifier sees (the spatial
+  transformer's output; the decoded input itself for a model without a transformer);
+- ``serving_examples``: ``examples`` (serialized tf.Examples with an ``image`` bytes feature)
+  -> the same outputs as ``serving_default``; TFMA evaluates through it.
+"""
+
+import tensorflow as tf
+import tf_keras as keras
+
+IMAGES_KEY = "images"
+EXAMPLES_KEY = "examples"
+IMAGE_FEATURE = "image"
+SERVING_SIGNATURE = "serving_default"
+RECTIFY_SIGNATURE = "rectify"
+EXAMPLES_SIGNATURE = "serving_examples"
+
+
+def _image_size(image_size):
+    try:
+        height, width = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return height, width
+
+
+def _model_image_size(model):
+    """(height, width) of `model`'s input, which must be one-channel images [B, H, W, 1]."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 1:
+        raise ValueError(f"model must take images [B, H, W, 1], its input shape is {shape}")
+    return _image_size(shape[1:3])
+
+
+def decode_image(encoded, image_size):
+    """One encoded PNG/JPEG (scalar tf.string) -> float32 [H, W, 1] in [0, 1].
+
+    Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
+    are resized bilinearly to `image_size`.
+    """
+    height, width = _image_size(image_size)
+    image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
+    channels = tf.shape(image)[-1]
+    image = tf.cond(
+        channels >= 3,
+        lambda: tf.image.rgb_to_grayscale(image[..., :3]),
+        lambda: image[..., :1],
+    )
+    same_size = tf.reduce_all(tf.shape(image)[:2] == [height, width])
+    image = tf.cond(
+        same_size,
+        lambda: image,
+        lambda: tf.image.resize(image, [height, width], antialias=True),
+    )
+    return tf.ensure_shape(image, [height, width, 1])
+
+
+def decode_images(encoded, image_size):
+    """A batch of encoded PNG/JPEG images (1-D tf.string) -> float32 [B, H, W, 1] in [0, 1]."""
+    height, width = _image_size(image_size)
+    encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
+    encoded = tf.reshape(encoded, [-1])
+    return tf.map_fn(
+        lambda item: decode_image(item, (height, width)),
+        encoded,
+        fn_output_signature=tf.TensorSpec([height, width, 1], tf.float32),
+    )
+
+
+class DecodeImages(keras.layers.Layer):
+    """Keras layer: encoded PNG/JPEG bytes [B] (or [B, 1]) -> float32 [B, H, W, 1] in [0, 1]."""
+
+    def __init__(self, image_size, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.image_size = _image_size(image_size)
+
+    def call(self, encoded):
+        return decode_images(encoded, self.image_size)
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": list(self.image_size)}
+
+
+def with_decoder(model, name=None):
+    """`model` (float images [B, H, W, 1] -> probabilities) behind a `DecodeImages` layer.
+
+    The result takes encoded images (input name ``images``) and shares the weights of `model`.
+    """
+    height, width = _model_image_size(model)
+    images = keras.Input(shape=(), dtype=tf.string, name=IMAGES_KEY)
+    decoded = DecodeImages((height, width), name="decode_images")(images)
+    return keras.Model(images, model(decoded), name=name or f"{model.name}_on_bytes")
+
+
+def export_saved_model(model, export_dir, rectifier=None):
+    """Save `model` with the ``serving_default``, ``rectify`` and ``serving_examples`` signatures.
+
+    `model` maps float images [B, H, W, 1] in [0, 1] to class probabilities [B, num_classes];
+    `rectifier` (optional) maps the same images to what the classifier sees.
+    """
+    height, width = _model_image_size(model)
+    module = tf.Module()
+    # The weights only, not the Keras objects: saving those would trace every layer again.
+    module.weights = list(model.variables)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_KEY)])
+    def serve(images):
+        probabilities = model(decode_images(images, (height, width)), training=False)
+        probabilities = tf.cast(probabilities, tf.float32)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_KEY)])
+    def rectify(images):
+        decoded = decode_images(images, (height, width))
+        rectified = decoded if rectifier is None else rectifier(decoded, training=False)
+        return {"rectified": tf.cast(rectified, tf.float32)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)])
+    def serve_examples(examples):
+        spec = {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+        return serve(tf.io.parse_example(examples, spec)[IMAGE_FEATURE])
+
+    module.serve, module.rectify, module.serve_examples = serve, rectify, serve_examples
+    signatures = {
+        SERVING_SIGNATURE: serve.get_concrete_function(),
+        RECTIFY_SIGNATURE: rectify.get_concrete_function(),
+        EXAMPLES_SIGNATURE: serve_examples.get_concrete_function(),
+    }
+    tf.saved_model.save(module, export_dir, signatures=signatures)
+    return export_dir

@@ -1,0 +1,237 @@
+"""The TFX Trainer module: `run_fn(fn_args)` trains the classifier and exports the SavedModel.
+
+Reads the examples' gzipped TFRecord files with tf.data (features ``image``: encoded PNG/JPEG
+bytes, ``label``: int64), decodes and normalizes the images inside the model graph (the
+`stn_model.serving.DecodeImages` layer, the same preprocessing the serving signatures use),
+trains the model named by ``custom_config["model"]`` (an ST-CNN, or the plain ``cnn`` as a
+baseline), writes TensorBoard logs to ``fn_args.model_run_dir`` and exports the signatures of
+`stn_model.serving` to ``fn_args.serving_model_dir``.
+
+Ready for multi-worker training (the contract of `components.multiworker_trainer`): `run_fn`
+uses the distribution strategy in scope (or the one passed in), reads each worker's shard with
+`components.input_shards.worker_records`, builds and compiles the model inside
+``strategy.scope()``, uses global batch = per-replica batch x replicas, backs up every epoch
+(``BackupAndRestore``), and only the chief writes TensorBoard logs and the export.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+import tf_keras as keras
+
+from components.input_shards import list_files, worker_records
+from stn_model import serving
+from stn_model.keras_setup import skip_autograph_of_tf_keras
+
+logger = logging.getLogger(__name__)
+
+LABEL_FEATURE = "label"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """What ``custom_config`` may set (all optional)."""
+
+    model: str = "st_cnn_affine"
+    epochs: int = 6
+    batch_size: int = 128  # per replica
+    learning_rate: float = 1e-3
+    image_size: int = 42
+    num_classes: int = 10
+    seed: int = 1
+    warm_start_model: str | None = None  # a pushed SavedModel to take the initial weights from
+    # Examples come grouped by label (ImageExampleGen reads the label folders in turn), so the
+    # buffer must hold the whole train split for batches to mix the classes: up to this many.
+    shuffle_buffer: int = 200_000
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"custom_config['model'] must be a model name, got {self.model!r}")
+        for name in ("epochs", "batch_size", "image_size", "num_classes", "shuffle_buffer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"custom_config[{name!r}] must be an integer >= 1, got {value!r}")
+        if not isinstance(self.learning_rate, int | float) or not self.learning_rate > 0:
+            raise ValueError(
+                f"custom_config['learning_rate'] must be a positive number, "
+                f"got {self.learning_rate!r}"
+            )
+
+    @classmethod
+    def from_custom_config(cls, custom_config):
+        custom_config = dict(custom_config or {})
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(custom_config) - known)
+        if unknown:
+            raise ValueError(f"custom_config has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**custom_config)
+
+
+def run_fn(fn_args, strategy=None):
+    """TFX Trainer entry point (GenericExecutor); see the module docstring."""
+    skip_autograph_of_tf_keras()
+    options = TrainingOptions.from_custom_config(fn_args.custom_config)
+    strategy = strategy or tf.distribute.get_strategy()
+    global_batch = options.batch_size * strategy.num_replicas_in_sync
+    chief = is_chief(getattr(strategy, "cluster_resolver", None))
+    keras.utils.set_random_seed(options.seed)
+
+    num_train = count_records(fn_args.train_files)
+    steps_per_epoch = max(1, math.ceil(num_train / global_batch))
+    if fn_args.train_steps:
+        epochs = math.ceil(fn_args.train_steps / steps_per_epoch)
+        steps_per_epoch = math.ceil(fn_args.train_steps / epochs)
+    else:
+        epochs = options.epochs
+    shuffle_buffer = min(num_train, options.shuffle_buffer)
+    train_data = strategy.distribute_datasets_from_function(
+        lambda context: read_examples(
+            fn_args.train_files, global_batch, context, shuffle_buffer, options.seed
+        ).repeat()
+    )
+    eval_data = strategy.distribute_datasets_from_function(
+        lambda context: read_examples(fn_args.eval_files, global_batch, context)
+    )
+
+    with strategy.scope():
+        model = _build(options)
+        if options.warm_start_model:
+            warm_start(model, options.warm_start_model)
+        trainable = serving.with_decoder(model)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            options.learning_rate, decay_steps=epochs * steps_per_epoch, alpha=0.05
+        )
+        trainable.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+
+    # BackupAndRestore: a restarted multi-worker group resumes from the last epoch.
+    backup = keras.callbacks.BackupAndRestore(os.path.join(fn_args.model_run_dir, "backup"))
+    callbacks = [EpochLog(epochs), backup]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir))
+    logger.info(
+        "training %s: %d train examples, %d epochs x %d steps, global batch %d on %d replica(s)",
+        options.model,
+        num_train,
+        epochs,
+        steps_per_epoch,
+        global_batch,
+        strategy.num_replicas_in_sync,
+    )
+    trainable.fit(
+        train_data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=eval_data,
+        validation_steps=fn_args.eval_steps,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    # Every worker takes part in saving (variables are read collectively); only the chief
+    # writes to serving_model_dir.
+    export_dir = fn_args.serving_model_dir if chief else tempfile.mkdtemp(prefix="stn-export-")
+    serving.export_saved_model(model, export_dir, rectifier=_rectifier(model))
+    if not chief:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+
+def warm_start(model, saved_model_dir):
+    """Load `model`'s weights from a pushed SavedModel of the same model; on a mismatch (another
+    model type, or no such model) log a warning and keep the fresh weights."""
+    fresh = model.get_weights()
+    checkpoint = tf.train.Checkpoint(weights=list(model.variables))
+    path = os.path.join(saved_model_dir, "variables", "variables")
+    try:
+        checkpoint.read(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        model.set_weights(fresh)  # undo whatever part of the checkpoint did load
+        logger.warning(
+            "cannot warm-start from %s (%s: %s); training from scratch",
+            saved_model_dir,
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+        return False
+    logger.info("warm-started from %s", saved_model_dir)
+    return True
+
+
+def _build(options):
+    from stn_model.models import build_model
+
+    return build_model(
+        options.model,
+        input_shape=(options.image_size, options.image_size, 1),
+        num_classes=options.num_classes,
+    )
+
+
+def _rectifier(model):
+    from stn_model.models import rectifier
+
+    return rectifier(model)
+
+
+def is_chief(cluster_resolver):
+    """Whether this process exports: the chief, worker 0 when there is no chief, or a lone one."""
+    if cluster_resolver is None or not cluster_resolver.cluster_spec().as_dict():
+        return True
+    jobs = cluster_resolver.cluster_spec().as_dict()
+    if cluster_resolver.task_type == "chief":
+        return True
+    return (
+        cluster_resolver.task_type == "worker"
+        and cluster_resolver.task_id == 0
+        and "chief" not in jobs
+    )
+
+
+def count_records(file_patterns):
+    """How many tf.Examples the gzipped TFRecord files of `file_patterns` hold."""
+    records = tf.data.TFRecordDataset(list_files(file_patterns), compression_type="GZIP")
+    return int(records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def read_examples(file_patterns, global_batch, input_context=None, shuffle=0, seed=None):
+    """This worker's batches of ({"images": encoded bytes [B]}, labels int64 [B]).
+
+    Reads the gzipped tf.Examples of `file_patterns`; with an `input_context` (from
+    `strategy.distribute_datasets_from_function`) only this worker's shard, in batches of the
+    per-replica size.
+    """
+    context = input_context or tf.distribute.InputContext()
+    spec = {
+        serving.IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string),
+        LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse(serialized):
+        features = tf.io.parse_example(serialized, spec)
+        return {serving.IMAGES_KEY: features[serving.IMAGE_FEATURE]}, features[LABEL_FEATURE]
+
+    data = worker_records(file_patterns, context)
+    if shuffle:
+        data = data.shuffle(shuffle, seed=seed)
+    data = data.batch(context.get_per_replica_batch_size(global_batch))
+    return data.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Logs one line per epoch (loss, accuracy, eval accuracy) for the person watching."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        values = ", ".join(f"{key} {value:.4f}" for key, value in sorted(logs.items()))
+        logger.info("epoch %d/%d: %s", epoch + 1, self.epochs, values)

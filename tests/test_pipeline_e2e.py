@@ -1,0 +1,260 @@
+"""End to end: `stn-pipeline run` on a tiny data set, twice, in fresh processes (slow).
+
+The first run trains a small model, is blessed on the accuracy floor alone (no baseline yet)
+and pushed; the pushed SavedModel classifies the eval PNGs from disk. The second run, with a
+crippled trainer (one step), reuses the cached data components, is not blessed against the
+baseline, and leaves `serving/` as it was. The configuration tests at the end are fast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import spans, summary
+from pipeline.configs import load_config
+
+FLOOR = 0.15  # chance is 0.10; with 600 eval images its standard deviation is 0.012
+CONFIG = f"""
+model: cnn
+batch_size: 32
+train_steps: 120
+learning_rate: 0.003
+accuracy_floor: {FLOOR}
+regression_tolerance: 0.05
+"""
+
+
+def stn_run(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+def tree(folder):
+    """{relative path: (size, mtime)} of every file under `folder`."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in Path(folder).rglob("*")
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data, home = root / "data", root / "home"
+    spans.write_span(data, span=1, copies=2, per_class=30, report=lambda line: None)
+    config_file = root / "config.yaml"
+    config_file.write_text(CONFIG)
+    common = ["--home", str(home), "--data-root", str(data), "--config", str(config_file)]
+    first = stn_run(*common)
+    assert first.returncode == 0, first.stdout + first.stderr
+    config = load_config(str(config_file), home=str(home), data_root=str(data))
+    first_nodes = summary.latest_node_runs(config.metadata_path, config.pipeline_name)
+    serving_before = tree(config.serving_dir)
+    second = stn_run(*common, "--train-steps", "1")
+    assert second.returncode == 0, second.stdout + second.stderr
+    second_nodes = summary.latest_node_runs(config.metadata_path, config.pipeline_name)
+    return {
+        "data": data,
+        "config": config,
+        "first": first,
+        "first_nodes": first_nodes,
+        "serving_before": serving_before,
+        "second": second,
+        "second_nodes": second_nodes,
+    }
+
+
+@pytest.mark.slow
+def test_first_run_is_blessed_and_pushed(runs):
+    config, out = runs["config"], runs["first"].stdout
+    assert "model: BLESSED" in out
+    assert "first model: no baseline yet" in out
+    for component in ("ImageExampleGen", "StatisticsGen", "Trainer", "Evaluator", "Pusher"):
+        assert f"{component} done in" in out
+    assert os.path.isfile(config.metadata_path)
+    versions = summary.served_versions(config.serving_dir)
+    assert len(versions) == 1
+    pushed = os.path.join(config.serving_dir, versions[0])
+    assert f"push: {pushed}" in out
+    assert os.path.isfile(os.path.join(pushed, "saved_model.pb"))
+    nodes = runs["first_nodes"]
+    assert {node.state for node in nodes.values()} == {"COMPLETE"}
+    for node_id in ("ImageExampleGen", "Trainer", "Evaluator", "ModelCheck", "Pusher"):
+        for artifacts in nodes[node_id].outputs.values():
+            assert all(os.path.exists(artifact.uri) for artifact in artifacts)
+
+
+@pytest.mark.slow
+def test_pushed_model_classifies_png_bytes(runs):
+    import tensorflow as tf
+
+    config = runs["config"]
+    version = summary.served_versions(config.serving_dir)[0]
+    loaded = tf.saved_model.load(os.path.join(config.serving_dir, version))
+    files = sorted((runs["data"] / "span-1" / "eval").glob("*/*.png"))
+    labels = np.array([int(path.parent.name) for path in files])
+    images = tf.constant([path.read_bytes() for path in files])
+    answer = loaded.signatures["serving_default"](images=images)
+    assert answer["probabilities"].shape == (len(files), 10)
+    assert answer["classes"].dtype == tf.int64
+    accuracy = float(np.mean(answer["classes"].numpy() == labels))
+    # The summary's overall accuracy (TFMA on the same eval split) is what we measure here.
+    overall = next(
+        line for line in runs["first"].stdout.splitlines() if line.strip().startswith("Overall")
+    )
+    assert accuracy >= FLOOR
+    assert float(overall.split()[-1]) == pytest.approx(accuracy, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_crippled_second_run_is_not_pushed(runs):
+    config, out = runs["config"], runs["second"].stdout
+    assert "model: NOT BLESSED" in out
+    assert "against the baseline" in out or "below the floor" in out
+    assert "not pushed: the Evaluator did not bless the model" in out
+    version = summary.served_versions(config.serving_dir)[0]
+    assert f"serving keeps version {version}" in out
+    assert tree(config.serving_dir) == runs["serving_before"]
+    # The summary shows the baseline's accuracy beside the candidate's.
+    assert "baseline" in out.split("eval metrics")[1].splitlines()[1]
+
+
+@pytest.mark.slow
+def test_second_run_reuses_cached_components(runs):
+    first, second = runs["first_nodes"], runs["second_nodes"]
+    for node_id in ("ImageExampleGen", "StatisticsGen", "ExampleValidator", "AnomalyGate"):
+        assert second[node_id].state == "CACHED"
+        assert second[node_id].outputs.keys() == first[node_id].outputs.keys()
+        for key, artifacts in second[node_id].outputs.items():
+            assert [a.id for a in artifacts] == [a.id for a in first[node_id].outputs[key]]
+    assert second["Trainer"].state == "COMPLETE"
+    assert "ImageExampleGen cached in" in runs["second"].stdout
+
+
+@pytest.mark.slow
+def test_failing_component_exits_non_zero_with_its_error(tmp_path):
+    empty = tmp_path / "no-spans"
+    empty.mkdir()
+    done = stn_run("--home", str(tmp_path / "home"), "--data-root", str(empty))
+    assert done.returncode == 1
+    assert "FAILED: ImageExampleGen:" in done.stderr
+    assert "found no input under" in done.stderr
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 2\nmodel: cnn\nbeam_args: [--runner=FlinkRunner, --parallelism=4]\n")
+    config = load_config(str(path), epochs=3, home=str(tmp_path / "h"))
+    assert (config.epochs, config.model) == (3, "cnn")
+    assert config.data_dir == str(tmp_path / "h" / "data")
+    assert config.metadata_path == str(tmp_path / "h" / "metadata.sqlite")
+    assert config.serving_dir == str(tmp_path / "h" / "serving" / "stn")
+    # Another runner's arguments pass through unchanged; DirectRunner gets its settings.
+    assert config.beam_pipeline_args() == ["--runner=FlinkRunner", "--parallelism=4"]
+    direct = load_config(direct_running_mode="multi_processing", direct_num_workers=2)
+    assert direct.beam_pipeline_args() == [
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    ]
+
+
+def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
+    from components.multiworker_trainer import MultiWorkerTrainer
+    from pipeline.pipeline import create_pipeline
+
+    def nodes(**overrides):
+        config = load_config(home=str(tmp_path), **overrides)
+        return {node.id: node for node in create_pipeline(config).components}
+
+    plain = nodes()
+    assert type(plain["Trainer"]) is not MultiWorkerTrainer
+    assert "span_window_resolver" not in plain
+    assert not plain["ImageExampleGen"].exec_properties["range_config"]
+    two = nodes(multiworker={"num_workers": 2}, span=3, span_window=2)
+    assert isinstance(two["Trainer"], MultiWorkerTrainer)
+    custom_config = json.loads(two["Trainer"].exec_properties["custom_config"])
+    assert custom_config["multiworker"]["num_workers"] == 2
+    static = json.loads(two["ImageExampleGen"].exec_properties["range_config"])["static_range"]
+    assert static == {"start_span_number": 3, "end_span_number": 3}
+    assert "span_window_resolver" in two
+    assert two["Trainer"].inputs["examples"] is two["span_window_resolver"].outputs["examples"]
+
+
+def test_multiworker_settings_are_checked_when_the_config_loads(tmp_path):
+    assert load_config().multiworker_config().num_workers == 1
+    assert not load_config().uses_multiworker_trainer
+    path = tmp_path / "c.yaml"
+    path.write_text("multiworker: {num_workers: 0}\n")
+    with pytest.raises(ValueError, match="'multiworker': num_workers must be an integer >= 1"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match="'multiworker': backend 'kubernetes' needs"):
+        load_config(multiworker={"backend": "kubernetes"})
+    with pytest.raises(ValueError, match=r"'multiworker': multiworker\.kubernetes: unknown"):
+        load_config(multiworker={"kubernetes": {"img": "x"}})
+    with pytest.raises(ValueError, match="'span_window' must be >= 1"):
+        load_config(span_window=0)
+
+
+def test_uris_with_a_scheme_stay_as_they_are():
+    config = load_config(home="gs://bucket/stn", data_root="s3://data/root")
+    assert config.home_dir == "gs://bucket/stn"
+    assert config.data_dir == "s3://data/root"
+    assert config.pipeline_root == "gs://bucket/stn/pipeline_root"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epoch: 3\n", "unknown config field\\(s\\) \\['epoch'\\]"),
+        ("epochs: three\n", "'epochs' must be an integer"),
+        ("accuracy_floor: 1.5\n", "'accuracy_floor' must be in \\[0, 1\\]"),
+        ("model: resnet\n", "'model' must be one of"),
+        ("- just a list\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_file_names_the_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        load_config(str(path))
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.slow
+def test_two_worker_run_is_blessed_and_pushed(tmp_path):
+    data, home = tmp_path / "data", tmp_path / "home"
+    spans.write_span(data, span=1, copies=2, per_class=30, report=lambda line: None)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(CONFIG)
+    done = stn_run(
+        "--home",
+        str(home),
+        "--data-root",
+        str(data),
+        "--config",
+        str(config_file),
+        "--workers",
+        "2",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "model: BLESSED" in done.stdout
+    config = load_config(str(config_file), home=str(home), data_root=str(data))
+    versions = summary.served_versions(config.serving_dir)
+    assert len(versions) == 1
+    assert os.path.isfile(os.path.join(config.serving_dir, versions[0], "saved_model.pb"))
+    # The multi-worker executor ran: it leaves the workers' spec in the model run dir.
+    specs = list((home / "pipeline_root" / "Trainer" / "model_run").glob("*/multiworker_spec.json"))
+    assert len(specs) == 1

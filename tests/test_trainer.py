@@ -1,0 +1,215 @@
+"""The Trainer module and the export signatures, on tiny models and data.
+
+Oracles: Pillow decodes and converts the same files (grayscale by ITU-R 601 luma, bilinear
+resize); an untrained ST model starts at the identity transform, so with an output as large as
+its input its `rectify` signature must return the input unchanged.
+"""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tfx.components.trainer.fn_args_utils import FnArgs
+
+from stn_model import serving, trainer
+from stn_model.models import build_model, rectifier
+
+SIZE = 42
+
+
+def encode(pixels, kind="PNG", **options):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind, **options)
+    return buffer.getvalue()
+
+
+def pillow_decode(data, size=SIZE):
+    """float32 [size, size, 1] in [0, 1]: Pillow's grayscale conversion and bilinear resize."""
+    image = Image.open(io.BytesIO(data)).convert("L")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return (np.asarray(image, dtype=np.float32) / 255.0)[..., None]
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    rng = np.random.default_rng(7)
+    # Smooth images, so that resampling differences between libraries stay small.
+    coarse = rng.integers(0, 256, (4, 7, 7, 3)).astype(np.uint8)
+    return [np.asarray(Image.fromarray(c).resize((70, 56), Image.BICUBIC)) for c in coarse]
+
+
+def test_gray_png_of_the_model_size_decodes_exactly():
+    gray = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    decoded = serving.decode_images([encode(gray)], (SIZE, SIZE)).numpy()
+    np.testing.assert_array_equal(np.round(decoded[0, ..., 0] * 255), gray)
+    np.testing.assert_allclose(decoded[0, ..., 0], gray / 255.0, atol=1e-7)
+
+
+def test_rgb_png_of_another_size_is_converted_like_pillow(pixels):
+    data = [encode(p) for p in pixels]  # 56 x 70 RGB
+    decoded = serving.decode_images(data, (SIZE, SIZE)).numpy()
+    expected = np.stack([pillow_decode(d) for d in data])
+    assert decoded.shape == (len(data), SIZE, SIZE, 1)
+    assert np.abs(decoded - expected).max() < 0.03
+    assert np.abs(decoded - expected).mean() < 0.005
+
+
+def test_jpeg_and_rgba_are_converted_like_pillow(pixels):
+    jpeg = encode(pixels[0], "JPEG", quality=95)
+    rgba = np.concatenate([pixels[1], np.full((*pixels[1].shape[:2], 1), 255, np.uint8)], -1)
+    data = [jpeg, encode(rgba)]
+    decoded = serving.decode_images(data, (SIZE, SIZE)).numpy()
+    expected = np.stack([pillow_decode(d) for d in data])
+    assert np.abs(decoded - expected).max() < 0.04
+
+
+def test_bytes_that_are_no_image_fail():
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serving.decode_images([b"not an image"], (SIZE, SIZE))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """An untrained ST-CNN whose transformer outputs 42 x 42 (identity at start), exported."""
+    model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), st_output_size=(SIZE, SIZE))
+    export_dir = str(tmp_path_factory.mktemp("export") / "model")
+    serving.export_saved_model(model, export_dir, rectifier=rectifier(model))
+    return model, tf.saved_model.load(export_dir)
+
+
+def test_export_has_the_three_signatures(exported):
+    _, loaded = exported
+    assert set(loaded.signatures) == {"serving_default", "rectify", "serving_examples"}
+    inputs = loaded.signatures["serving_default"].structured_input_signature[1]
+    assert inputs == {"images": tf.TensorSpec([None], tf.string, name="images")}
+
+
+def test_serving_default_answers_png_rgb_and_jpeg(exported, pixels):
+    model, loaded = exported
+    gray = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    data = [encode(gray), encode(pixels[2]), encode(pixels[3], "JPEG", quality=95)]
+    answer = loaded.signatures["serving_default"](images=tf.constant(data))
+    probabilities, classes = answer["probabilities"].numpy(), answer["classes"]
+    assert probabilities.dtype == np.float32 and probabilities.shape == (3, 10)
+    assert classes.dtype == tf.int64
+    np.testing.assert_array_equal(classes.numpy(), probabilities.argmax(axis=1))
+    expected = model.predict(np.stack([pillow_decode(d) for d in data]), verbose=0)
+    np.testing.assert_allclose(probabilities[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(probabilities[1:], expected[1:], atol=0.02)
+
+
+def test_rectify_returns_the_input_under_the_identity_transform(exported):
+    _, loaded = exported
+    gray = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    rectified = loaded.signatures["rectify"](images=tf.constant([encode(gray)]))["rectified"]
+    np.testing.assert_allclose(rectified.numpy()[0, ..., 0], gray / 255.0, atol=1e-5)
+
+
+def test_serving_examples_agrees_with_serving_default(exported, pixels):
+    _, loaded = exported
+    data = [encode(p) for p in pixels]
+    examples = [example(d, 0).SerializeToString() for d in data]
+    by_examples = loaded.signatures["serving_examples"](examples=tf.constant(examples))
+    by_images = loaded.signatures["serving_default"](images=tf.constant(data))
+    np.testing.assert_allclose(
+        by_examples["probabilities"].numpy(), by_images["probabilities"].numpy(), atol=1e-6
+    )
+
+
+def example(image_bytes, label):
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def write_examples(path, count, seed):
+    """`count` gzipped tf.Examples of random 42 x 42 PNGs; returns their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for label in labels:
+            gray = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+            writer.write(example(encode(gray), int(label)).SerializeToString())
+    return labels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    write_examples(str(root / "Split-train" / "data.gz"), 48, seed=1)
+    write_examples(str(root / "Split-eval" / "data.gz"), 16, seed=2)
+    fn_args = FnArgs(
+        train_files=[str(root / "Split-train" / "*")],
+        eval_files=[str(root / "Split-eval" / "*")],
+        serving_model_dir=str(root / "serving"),
+        model_run_dir=str(root / "logs"),
+        train_steps=4,
+        custom_config={"model": "st_cnn_affine", "batch_size": 16},
+    )
+    trainer.run_fn(fn_args)
+    return fn_args
+
+
+def test_run_fn_exports_a_servable_model(trained):
+    loaded = tf.saved_model.load(trained.serving_model_dir)
+    assert {"serving_default", "rectify", "serving_examples"} <= set(loaded.signatures)
+    gray = np.zeros((SIZE, SIZE), np.uint8)
+    answer = loaded.signatures["serving_default"](images=tf.constant([encode(gray)] * 2))
+    np.testing.assert_allclose(answer["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    rectified = loaded.signatures["rectify"](images=tf.constant([encode(gray)]))["rectified"]
+    assert rectified.shape == (1, 28, 28, 1)  # the ST-CNN's transformer writes 28 x 28
+
+
+def test_run_fn_writes_tensorboard_logs(trained):
+    events = tf.io.gfile.glob(os.path.join(trained.model_run_dir, "*", "events.out.tfevents.*"))
+    assert {os.path.basename(os.path.dirname(path)) for path in events} == {"train", "validation"}
+
+
+def test_warm_start_loads_the_pushed_weights(trained):
+    loaded = tf.saved_model.load(trained.serving_model_dir)
+    model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), num_classes=10)
+    assert trainer.warm_start(model, trained.serving_model_dir)
+    assert len(model.variables) == len(loaded.weights)
+    for ours, pushed in zip(model.variables, loaded.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), pushed.numpy())
+
+
+def test_warm_start_from_another_model_type_keeps_fresh_weights(trained):
+    model = build_model("cnn", input_shape=(SIZE, SIZE, 1), num_classes=10)
+    fresh = model.get_weights()
+    assert not trainer.warm_start(model, trained.serving_model_dir)
+    for now, before in zip(model.get_weights(), fresh, strict=True):
+        np.testing.assert_array_equal(now, before)
+
+
+def test_count_records_counts_every_example(tmp_path):
+    write_examples(str(tmp_path / "a.gz"), 5, seed=3)
+    write_examples(str(tmp_path / "b.gz"), 7, seed=4)
+    assert trainer.count_records([str(tmp_path / "*.gz")]) == 12
+
+
+def test_custom_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        trainer.TrainingOptions.from_custom_config({"epoch": 3})
+    with pytest.raises(ValueError, match="'batch_size'"):
+        trainer.TrainingOptions.from_custom_config({"batch_size": 0})
+    with pytest.raises(ValueError, match="no files match"):
+        trainer.count_records(["/nonexistent/Split-train/*"])
+
+
+def test_only_the_chief_exports():
+    spec = tf.train.ClusterSpec({"worker": ["a:1", "b:1"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver
+    assert trainer.is_chief(None)
+    assert trainer.is_chief(resolver(spec, task_type="worker", task_id=0))
+    assert not trainer.is_chief(resolver(spec, task_type="worker", task_id=1))
+    with_chief = tf.train.ClusterSpec({"chief": ["c:1"], "worker": ["a:1"]})
+    assert trainer.is_chief(resolver(with_chief, task_type="chief", task_id=0))
+    assert not trainer.is_chief(resolver(with_chief, task_type="worker", task_id=0))
