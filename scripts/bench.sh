@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every benchmark in benchmarks/ and prints its table (installs into .venv first).
-# `bash scripts/bench.sh sampler` runs only benchmarks/bench_sampler.py.
+# Runs the benchmarks and prints their tables (installs into .venv first).
+#   bash scripts/bench.sh                      every benchmark; the accuracy one in --small mode
+#   bash scripts/bench.sh NAME [ARGS...]       one, e.g. `sampler --threads 1` or `accuracy`
+#                                              (the full accuracy table: about 80 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,7 +11,14 @@ export PIP_IGNORE_REQUIRES_PYTHON=1
 .venv/bin/python -c "import torch" 2>/dev/null \
   || .venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.13.0" \
   || echo "bench: torch could not be installed; the PyTorch comparison is skipped" >&2
-for bench in benchmarks/bench_${1:-*}.py; do
-  echo "== $bench"
-  .venv/bin/python "$bench"
+if [ $# -gt 0 ]; then
+  name=$1
+  shift
+  exec .venv/bin/python "benchmarks/bench_${name}.py" "$@"
+fi
+for name in sampler train_step ingest serving multiworker pipeline; do
+  echo "== benchmarks/bench_${name}.py"
+  .venv/bin/python "benchmarks/bench_${name}.py"
 done
+echo "== benchmarks/bench_accuracy.py --small"
+.venv/bin/python benchmarks/bench_accuracy.py --small --out "$(mktemp -d)"
