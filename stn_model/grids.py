@@ -12,13 +12,14 @@ import numpy as np
 import tensorflow as tf
 
 
-def _output_size(output_size):
+def check_size(value, name="output_size"):
+    """(height, width) as positive ints; ValueError naming `name` otherwise."""
     try:
-        height, width = (int(v) for v in output_size)
+        height, width = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"output_size must be (height, width), got {output_size!r}") from None
+        raise ValueError(f"{name} must be (height, width), got {value!r}") from None
     if height <= 0 or width <= 0:
-        raise ValueError(f"output_size must be positive, got {output_size!r}")
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return height, width
 
 
@@ -52,7 +53,7 @@ def _parameters(theta, name, shapes):
 
 def _apply_matrices(matrices, output_size, align_corners):
     """matrices [B, R, 3] applied to every homogeneous output coordinate: -> [B, H, W, R]."""
-    height, width = _output_size(output_size)
+    height, width = check_size(output_size)
     base = tf.constant(_base_grid(height, width, align_corners), dtype=matrices.dtype)
     points = tf.einsum("pk,bjk->bpj", base, matrices)
     return tf.reshape(points, [-1, height, width, matrices.shape[1]])
@@ -137,7 +138,7 @@ def tps_grid(control_points, output_size, align_corners=False):
         raise ValueError(
             f"control_points must have shape [B, K*K, 2] or [B, 2*K*K] with K >= 2, got {shape}"
         )
-    height, width = _output_size(output_size)
+    height, width = check_size(output_size)
     mixing = _tps_mixing(grid_size, height, width, align_corners)
     grid = tf.einsum(
         "pn,bnj->bpj", tf.constant(mixing, points.dtype), tf.reshape(points, [-1, count, 2])

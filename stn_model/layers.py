@@ -12,7 +12,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from stn_model.grids import affine_grid, projective_grid, tps_control_points, tps_grid
+from stn_model.grids import (
+    affine_grid,
+    check_size,
+    projective_grid,
+    tps_control_points,
+    tps_grid,
+)
 from stn_model.sampling import PADDING_MODES, bilinear_sample
 
 TRANSFORMS = ("affine", "projective", "tps")
@@ -86,14 +92,8 @@ class SpatialTransformer(keras.layers.Layer):
             raise ValueError(f"tps_grid_size must be an integer >= 2, got {tps_grid_size!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        try:
-            height, width = (int(v) for v in output_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"output_size must be (height, width), got {output_size!r}") from None
-        if height <= 0 or width <= 0:
-            raise ValueError(f"output_size must be positive, got {output_size!r}")
         self.localization_net = localization_net
-        self.output_size = (height, width)
+        self.output_size = check_size(output_size)
         self.transform = transform
         self.tps_grid_size = tps_grid_size
         self.padding_mode = padding_mode

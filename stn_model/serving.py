@@ -14,6 +14,8 @@ float images in [0, 1] of the model's input shape, inside the graph. The exporte
 import tensorflow as tf
 import tf_keras as keras
 
+from stn_model.grids import check_size
+
 IMAGES_KEY = "images"
 EXAMPLES_KEY = "examples"
 IMAGE_FEATURE = "image"
@@ -22,22 +24,12 @@ RECTIFY_SIGNATURE = "rectify"
 EXAMPLES_SIGNATURE = "serving_examples"
 
 
-def _image_size(image_size):
-    try:
-        height, width = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from None
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return height, width
-
-
 def _model_image_size(model):
     """(height, width) of `model`'s input, which must be one-channel images [B, H, W, 1]."""
     shape = tuple(model.input_shape)
     if len(shape) != 4 or shape[-1] != 1:
         raise ValueError(f"model must take images [B, H, W, 1], its input shape is {shape}")
-    return _image_size(shape[1:3])
+    return check_size(shape[1:3], "image_size")
 
 
 def decode_image(encoded, image_size):
@@ -46,7 +38,7 @@ def decode_image(encoded, image_size):
     Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
     are resized bilinearly to `image_size`.
     """
-    height, width = _image_size(image_size)
+    height, width = check_size(image_size, "image_size")
     image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
     channels = tf.shape(image)[-1]
     image = tf.cond(
@@ -65,7 +57,7 @@ def decode_image(encoded, image_size):
 
 def decode_images(encoded, image_size):
     """A batch of encoded PNG/JPEG images (1-D tf.string) -> float32 [B, H, W, 1] in [0, 1]."""
-    height, width = _image_size(image_size)
+    height, width = check_size(image_size, "image_size")
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
     encoded = tf.reshape(encoded, [-1])
     return tf.map_fn(
@@ -80,7 +72,7 @@ class DecodeImages(keras.layers.Layer):
 
     def __init__(self, image_size, **kwargs):
         super().__init__(trainable=False, **kwargs)
-        self.image_size = _image_size(image_size)
+        self.image_size = check_size(image_size, "image_size")
 
     def call(self, encoded):
         return decode_images(encoded, self.image_size)
