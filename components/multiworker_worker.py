@@ -75,7 +75,7 @@ def run_worker(spec_path: str) -> None:
     from tfx.components.util import udf_utils
     from tfx.types import artifact_utils
 
-    from stn_model.trainer import skip_autograph_of_tf_keras
+    from stn_model.keras_setup import skip_autograph_of_tf_keras
 
     skip_autograph_of_tf_keras()
     if spec.get("mixed_precision"):

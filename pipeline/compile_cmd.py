@@ -25,7 +25,7 @@ def register(subparsers):
 
 def add_compile_arguments(parser):
     """The options that say how to compile (shared with `schedule`)."""
-    from pipeline.kubeflow_runner import DEFAULT_IMAGE, DEFAULT_KUBEFLOW_HOME
+    from pipeline.kubeflow_runner import DEFAULT_KUBEFLOW_HOME
 
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
     parser.add_argument(
@@ -35,11 +35,12 @@ def add_compile_arguments(parser):
     )
     parser.add_argument("--data-root", help="data root as the pods see it (default <home>/data)")
     parser.add_argument(
-        "--image", default=DEFAULT_IMAGE, help=f"container image of every step ({DEFAULT_IMAGE})"
+        "--image", help="container image of every step (default: the config's container_image)"
     )
     parser.add_argument(
         "--pipeline-root",
-        help="where artifacts go, e.g. minio://bucket/stn (default <home>/pipeline_root)",
+        help="where artifacts go, e.g. minio://bucket/stn (default: the config's "
+        "kubeflow_pipeline_root, else <home>/pipeline_root)",
     )
 
 
@@ -47,8 +48,16 @@ def compile_from_args(args, output_path):
     """Compile the pipeline that `args` describe to `output_path`; return the config used."""
     from pipeline import kubeflow_runner
 
-    config = load_config(args.config, home=args.home, data_root=args.data_root)
-    kubeflow_runner.compile_for_kubeflow(config, output_path, args.image, args.pipeline_root)
+    config = load_config(
+        args.config,
+        home=args.home,
+        data_root=args.data_root,
+        container_image=args.image,
+        kubeflow_pipeline_root=args.pipeline_root,
+    )
+    kubeflow_runner.compile_for_kubeflow(
+        config, output_path, config.container_image, config.kubeflow_pipeline_root
+    )
     return config
 
 
@@ -58,5 +67,5 @@ def run(args):
     except ValueError as error:
         print(f"stn-pipeline compile: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.kubeflow}: pipeline {config.pipeline_name}, image {args.image}")
+    print(f"wrote {args.kubeflow}: pipeline {config.pipeline_name}, image {config.container_image}")
     return 0

@@ -57,6 +57,10 @@ class PipelineConfig:
     span: int | None = None
     span_window: int = 1
     warm_start_model: str | None = None  # a pushed SavedModel whose weights training starts from
+    # Kubeflow (`compile`, `schedule`): every step's image; where artifacts go (default
+    # <home>/pipeline_root), e.g. minio://bucket/stn
+    container_image: str = "stn-pipeline:0.1.0"
+    kubeflow_pipeline_root: str | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -103,7 +107,7 @@ class PipelineConfig:
             raise ValueError(
                 f"config field 'direct_num_workers' must be >= 0, got {self.direct_num_workers}"
             )
-        for name in ("pipeline_name", "model_name", "home"):
+        for name in ("pipeline_name", "model_name", "home", "container_image"):
             if not getattr(self, name):
                 raise ValueError(f"config field {name!r} must not be empty")
         if "/" in self.model_name:

@@ -64,35 +64,27 @@ def run_ids(config):
             f"home {config.home_dir} has no pipeline run yet (no {config.metadata_path}); "
             f"run `stn-pipeline run --home {config.home}` first"
         )
-    store = summary.metadata_store(config.metadata_path)
-    runs = [
-        run
-        for run in store.get_contexts_by_type("pipeline_run")
-        if summary._run_belongs(store, run, config.pipeline_name)
-    ]
-    return [run.name for run in sorted(runs, key=lambda run: run.create_time_since_epoch)]
+    return summary.run_ids(config.metadata_path, config.pipeline_name)
 
 
 def collect_facts(config, run_id=None):
-    """The `ReportFacts` of the latest run of `config`'s pipeline (`run_id`: must be that run)."""
+    """The `ReportFacts` of the latest run of `config`'s pipeline, or of run `run_id`."""
     ids = run_ids(config)
     if not ids:
         raise ValueError(
             f"home {config.home_dir} has no run of pipeline {config.pipeline_name!r} yet; "
             f"run `stn-pipeline run --home {config.home}` first"
         )
-    if run_id is not None and run_id != ids[-1]:
-        if run_id not in ids:
-            raise ValueError(f"--run {run_id!r}: no such run; runs: {', '.join(ids)}")
-        # pipeline.summary reads the latest run only (see the module docstring of summary).
-        raise ValueError(f"--run {run_id!r}: only the latest run ({ids[-1]}) can be reported")
-    nodes = summary.latest_node_runs(config.metadata_path, config.pipeline_name)
+    if run_id is not None and run_id not in ids:
+        raise ValueError(f"--run {run_id!r}: no such run; runs: {', '.join(ids)}")
+    run_id = run_id or ids[-1]
+    nodes = summary.latest_node_runs(config.metadata_path, config.pipeline_name, run_id)
     samples, samples_note, grid_note = _samples(nodes, config)
     history, history_note = _history(nodes)
     return ReportFacts(
-        run_id=ids[-1],
+        run_id=run_id,
         pipeline_name=config.pipeline_name,
-        results=summary.run_report(config),
+        results=summary.run_report(config, run_id),
         samples=samples,
         samples_note=samples_note,
         grid_note=grid_note,

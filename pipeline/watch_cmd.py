@@ -7,7 +7,6 @@ No new data, no run. One watcher per home (a lock file); the spans trained on ar
 <home>/watch_state.json, so a restarted watcher carries on where it stopped.
 """
 
-import argparse
 import os
 import sys
 
@@ -16,20 +15,11 @@ from pipeline import run_cmd
 EXIT_BUSY = 3
 
 
-def _run_options():
-    """`run`'s parser, whose options (training, Beam, config) `watch` takes over."""
-    subparsers = argparse.ArgumentParser().add_subparsers()
-    run_cmd.register(subparsers)
-    return subparsers.choices["run"]
-
-
 def register(subparsers):
     parser = subparsers.add_parser(
         "watch",
         help="retrain automatically when new spans of data arrive",
         description=__doc__.split("\n\n")[1],
-        parents=[_run_options()],
-        conflict_handler="resolve",
     )
     parser.add_argument(
         "--data-root", required=True, help="the data root whose span-N folders to watch"
@@ -38,6 +28,7 @@ def register(subparsers):
         "--interval", type=float, default=300.0, help="seconds between polls (default 300)"
     )
     parser.add_argument("--once", action="store_true", help="poll once, run if needed, exit")
+    run_cmd.add_run_arguments(parser)
     parser.add_argument(
         "--window", type=int, default=1, help="train on the last K spans (default 1: the newest)"
     )

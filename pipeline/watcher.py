@@ -209,28 +209,13 @@ class Watcher:
 # --- the real run: the TFX pipeline on this machine ------------------------------------------
 
 
-def _has_field(config, name):
-    return name in {field.name for field in dataclasses.fields(config)}
-
-
 def run_config(config, request):
-    """`config` for one watcher run: the request's span window and warm start, where supported.
-
-    Uses the config fields `span`, `span_window` and `warm_start_model` when the pipeline has
-    them; without them the pipeline ingests the newest span and trains from scratch.
-    """
-    overrides = {}
-    if _has_field(config, "span"):
-        overrides["span"] = request.spans[-1]
-    if len(request.spans) > 1:
-        if not _has_field(config, "span_window"):
-            raise ValueError("--window > 1 needs a pipeline with the `span_window` config field")
-        overrides["span_window"] = len(request.spans)
-    if request.warm_start and _has_field(config, "warm_start_model"):
-        overrides["warm_start_model"] = request.warm_start
-    elif request.warm_start:
-        logger.warning("this pipeline cannot warm-start (no `warm_start_model` field)")
-    return config.replace(**overrides)
+    """`config` for one watcher run: the request's newest span, span window and warm start."""
+    return config.replace(
+        span=request.spans[-1],
+        span_window=len(request.spans),
+        warm_start_model=request.warm_start,
+    )
 
 
 def pipeline_run_fn(config, report=logger.info):

@@ -94,9 +94,17 @@ def run_fn(fn_args, strategy=None):
             fn_args.train_files, global_batch, context, shuffle_buffer, options.seed
         ).repeat()
     )
-    eval_data = strategy.distribute_datasets_from_function(
-        lambda context: read_examples(fn_args.eval_files, global_batch, context)
-    )
+    validation_steps = fn_args.eval_steps
+    replicated = strategy.num_replicas_in_sync > 1
+    if replicated and not validation_steps:
+        # Keras needs a step count for a distributed dataset; every replica runs as many.
+        validation_steps = max(1, count_records(fn_args.eval_files) // global_batch)
+
+    def eval_batches(context):
+        batches = read_examples(fn_args.eval_files, global_batch, context)
+        return batches.repeat() if replicated else batches
+
+    eval_data = strategy.distribute_datasets_from_function(eval_batches)
 
     with strategy.scope():
         model = _build(options)
@@ -131,7 +139,7 @@ def run_fn(fn_args, strategy=None):
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_data=eval_data,
-        validation_steps=fn_args.eval_steps,
+        validation_steps=validation_steps,
         callbacks=callbacks,
         verbose=0,
     )

@@ -5,7 +5,6 @@ official Kubernetes 1.30 OpenAPI schemas (kubernetes-validate) and checked by th
 k8s_policy.py; the Dockerfile is parsed, and its build context is built into a wheel offline.
 """
 
-import dataclasses
 import fnmatch
 import importlib.metadata
 import json
@@ -34,7 +33,7 @@ from packaging.requirements import Requirement
 from components.k8s_backend import build_job, build_service
 from components.multiworker_config import MultiWorkerConfig
 from pipeline.cli import COMMAND_MODULES, build_parser
-from pipeline.configs import PipelineConfig, load_config
+from pipeline.configs import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -464,11 +463,13 @@ def test_the_trainer_settings_are_what_the_multiworker_trainer_accepts(overlay):
 
 
 def test_the_pipeline_config_file_loads(overlay, tmp_path):
-    if "multiworker" not in {f.name for f in dataclasses.fields(PipelineConfig)}:
-        pytest.skip("pipeline.configs.PipelineConfig has no 'multiworker' field yet")
     path = tmp_path / "pipeline.yaml"
     path.write_text(only(render(overlay), "ConfigMap")["data"]["pipeline.yaml"])
-    assert load_config(str(path)).multiworker is not None
+    config = load_config(str(path))
+    assert config.uses_multiworker_trainer
+    assert config.multiworker_config() == MultiWorkerConfig.from_dict(
+        trainer_settings(render(overlay))
+    )
 
 
 def test_the_training_workers_fit_the_deployment(overlay):

@@ -62,6 +62,18 @@ def test_compiled_package_parses_as_a_pipeline_spec_with_every_component(package
     assert spec.default_pipeline_root == PIPELINE_ROOT
 
 
+def test_image_and_pipeline_root_come_from_the_config_file(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"container_image: {IMAGE}\nkubeflow_pipeline_root: {PIPELINE_ROOT}\n")
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    spec = _parse_package(path)
+    assert spec.default_pipeline_root == PIPELINE_ROOT
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    images = {e["container"]["image"] for e in executors.values() if "container" in e}
+    assert images == {IMAGE}
+
+
 def test_compiled_steps_run_the_tfx_executor_in_the_configured_image(package):
     spec = _parse_package(package)
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]

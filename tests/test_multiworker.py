@@ -153,7 +153,6 @@ def test_two_workers_match_one_worker_at_the_same_global_batch_and_seed(tmp_path
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_killed_worker_group_restarts_and_resumes_from_checkpoint(tmp_path, launcher_log):
     examples = write_examples(tmp_path / "examples", count=64)
     backup = tmp_path / "model_run" / "backup" / "chief"

@@ -1,4 +1,4 @@
-"""End to end: `stn-pipeline run` on a tiny data set, twice, in fresh processes (slow).
+"""End to end: `stn-pipeline run` on a tiny data set, twice, in fresh processes (about two minutes).
 
 The first run trains a small model, is blessed on the accuracy floor alone (no baseline yet)
 and pushed; the pushed SavedModel classifies the eval PNGs from disk. The second run, with a
@@ -77,7 +77,6 @@ def runs(tmp_path_factory):
     }
 
 
-@pytest.mark.slow
 def test_first_run_is_blessed_and_pushed(runs):
     config, out = runs["config"], runs["first"].stdout
     assert "model: BLESSED" in out
@@ -97,7 +96,6 @@ def test_first_run_is_blessed_and_pushed(runs):
             assert all(os.path.exists(artifact.uri) for artifact in artifacts)
 
 
-@pytest.mark.slow
 def test_pushed_model_classifies_png_bytes(runs):
     import tensorflow as tf
 
@@ -119,7 +117,6 @@ def test_pushed_model_classifies_png_bytes(runs):
     assert float(overall.split()[-1]) == pytest.approx(accuracy, abs=1e-4)
 
 
-@pytest.mark.slow
 def test_crippled_second_run_is_not_pushed(runs):
     config, out = runs["config"], runs["second"].stdout
     assert "model: NOT BLESSED" in out
@@ -132,7 +129,6 @@ def test_crippled_second_run_is_not_pushed(runs):
     assert "baseline" in out.split("eval metrics")[1].splitlines()[1]
 
 
-@pytest.mark.slow
 def test_second_run_reuses_cached_components(runs):
     first, second = runs["first_nodes"], runs["second_nodes"]
     for node_id in ("ImageExampleGen", "StatisticsGen", "ExampleValidator", "AnomalyGate"):
@@ -144,7 +140,6 @@ def test_second_run_reuses_cached_components(runs):
     assert "ImageExampleGen cached in" in runs["second"].stdout
 
 
-@pytest.mark.slow
 def test_failing_component_exits_non_zero_with_its_error(tmp_path):
     empty = tmp_path / "no-spans"
     empty.mkdir()
@@ -208,6 +203,26 @@ def test_multiworker_settings_are_checked_when_the_config_loads(tmp_path):
         load_config(span_window=0)
 
 
+@pytest.mark.parametrize("command", ["run", "watch"])
+def test_worker_options_override_the_config_files_multiworker(tmp_path, command):
+    from pipeline import run_cmd
+    from pipeline.cli import build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text("multiworker: {max_restarts: 0, num_workers: 4}\n")
+    argv = [command, "--config", str(path), "--data-root", str(tmp_path)]
+    args = build_parser().parse_args([*argv, "--workers", "2", "--mixed-precision"])
+    assert run_cmd.config_from_args(args).multiworker == {
+        "max_restarts": 0,
+        "num_workers": 2,
+        "mixed_precision": True,
+    }
+    unchanged = run_cmd.config_from_args(build_parser().parse_args(argv))
+    assert unchanged.multiworker == {"max_restarts": 0, "num_workers": 4}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--backend", "slurm"])
+
+
 def test_uris_with_a_scheme_stay_as_they_are():
     config = load_config(home="gs://bucket/stn", data_root="s3://data/root")
     assert config.home_dir == "gs://bucket/stn"
@@ -233,7 +248,6 @@ def test_bad_config_file_names_the_file_and_field(tmp_path, text, message):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.slow
 def test_two_worker_run_is_blessed_and_pushed(tmp_path):
     data, home = tmp_path / "data", tmp_path / "home"
     spans.write_span(data, span=1, copies=2, per_class=30, report=lambda line: None)

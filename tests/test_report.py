@@ -203,6 +203,62 @@ def test_home_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert "has no pipeline run yet" in error and "stn-pipeline run --home" in error
 
 
+def _metadata_with_runs(path, runs):
+    """An ML Metadata store at `path` with `runs` ({run id: (pipeline name, state)}, in
+    creation order), laid out as TFX does; each run holds one ``Trainer`` execution."""
+    from ml_metadata.metadata_store import metadata_store
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    config = pb.ConnectionConfig()
+    config.sqlite.filename_uri = str(path)
+    config.sqlite.connection_mode = pb.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    store = metadata_store.MetadataStore(config)
+    type_ids = {
+        name: store.put_context_type(pb.ContextType(name=name))
+        for name in ("pipeline", "pipeline_run", "node")
+    }
+    execution_type = store.put_execution_type(pb.ExecutionType(name="Trainer"))
+    contexts = {}
+
+    def context(type_name, name):
+        if name not in contexts:
+            [contexts[name]] = store.put_contexts(
+                [pb.Context(type_id=type_ids[type_name], name=name)]
+            )
+        return contexts[name]
+
+    for run_id, (pipeline_name, state) in runs.items():
+        run = context("pipeline_run", run_id)
+        store.put_parent_contexts(
+            [pb.ParentContext(child_id=run, parent_id=context("pipeline", pipeline_name))]
+        )
+        [execution] = store.put_executions(
+            [pb.Execution(type_id=execution_type, last_known_state=state)]
+        )
+        node = context("node", f"{pipeline_name}.Trainer")
+        store.put_attributions_and_associations(
+            [], [pb.Association(context_id=c, execution_id=execution) for c in (run, node)]
+        )
+
+
+def test_run_ids_and_reading_an_earlier_run(tmp_path):
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    path = str(tmp_path / "metadata.sqlite")
+    runs = {
+        "run-1": ("p", pb.Execution.COMPLETE),
+        "other": ("q", pb.Execution.FAILED),
+        "run-2": ("p", pb.Execution.CACHED),
+    }
+    _metadata_with_runs(path, runs)
+    assert summary.run_ids(path, "p") == ["run-1", "run-2"]
+    assert summary.run_ids(path, "q") == ["other"]
+    assert summary.latest_node_runs(path, "p")["Trainer"].state == "CACHED"
+    assert summary.latest_node_runs(path, "p", run_id="run-1")["Trainer"].state == "COMPLETE"
+    with pytest.raises(ValueError, match="run 'nope': no such run of p; runs: run-1, run-2"):
+        summary.latest_node_runs(path, "p", run_id="nope")
+
+
 # --- a tiny real run -----------------------------------------------------------------------
 
 RUN_CONFIG = """

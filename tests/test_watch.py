@@ -6,6 +6,7 @@ request; the slow test runs the real TFX pipeline through the watcher on tiny sp
 """
 
 import json
+import logging
 import os
 import threading
 
@@ -210,6 +211,19 @@ def test_watch_command_rejects_bad_arguments(tmp_path, capsys):
     assert "--window must be >= 1" in capsys.readouterr().err
 
 
+def test_run_config_carries_the_span_window_and_warm_start():
+    from pipeline.configs import load_config
+
+    config = load_config(epochs=2)
+    window = watcher.run_config(config, RunRequest(spans=(4, 5, 6), warm_start="/s/stn/7"))
+    assert (window.span, window.span_window, window.warm_start_model) == (6, 3, "/s/stn/7")
+    assert window.trainer_custom_config()["warm_start_model"] == "/s/stn/7"
+    assert window.epochs == 2
+    first = watcher.run_config(config, RunRequest(spans=(1,), warm_start=None))
+    assert (first.span, first.span_window, first.warm_start_model) == (1, 1, None)
+    assert "warm_start_model" not in first.trainer_custom_config()
+
+
 def test_a_corrupt_state_file_is_a_clear_error(setup):
     home, data, _, _, make_watcher = setup
     _span(data, 1)
@@ -223,7 +237,7 @@ def test_a_corrupt_state_file_is_a_clear_error(setup):
 
 
 @pytest.mark.slow
-def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path):
+def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path, caplog):
     from pipeline import spans
     from pipeline.summary import served_versions
 
@@ -245,8 +259,11 @@ def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path):
     assert cli.main(argv) == 0  # no new data: no run
     assert len(json.loads(state.read_text())["runs"]) == 1
 
+    first_served = str(serving / served_versions(serving)[0])
     spans.write_span(data, span=2, per_class=3, copies=1)
-    assert cli.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="stn_model.trainer"):
+        assert cli.main(argv) == 0
+    assert f"warm-started from {first_served}" in caplog.messages
     runs = json.loads(state.read_text())["runs"]
     assert [run["spans"] for run in runs] == [[1], [2]]
     assert runs[1]["blessed"] is True  # floor 0 and any regression allowed
