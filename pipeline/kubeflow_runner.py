@@ -1,6 +1,6 @@
 """Compiles the pipeline for Kubeflow Pipelines with TFX's KubeflowV2DagRunner.
 
-    compile_for_kubeflow(config, "stn.yaml", image="REGISTRY/stn-pipeline:0.1.0")
+    compile_for_kubeflow(config.replace(container_image="REGISTRY/stn-pipeline:0.1.0"), "stn.yaml")
 
 The output is a KFP v2 package: the `PipelineSpec` as YAML, the form the kfp 2.x `Client`
 uploads. On Kubeflow every step runs in `image` and ML Metadata is Kubeflow's own, so the
@@ -13,7 +13,6 @@ import os
 
 import yaml
 
-DEFAULT_IMAGE = "stn-pipeline:0.1.0"
 # Where k8s/ mounts the shared volume that holds the data, the pipeline root and serving/.
 DEFAULT_KUBEFLOW_HOME = "/stn/home"
 # The image's ENTRYPOINT is `stn-pipeline`; TFX's KFP v2 executor entry point replaces it.
@@ -51,13 +50,16 @@ def pipeline_spec(tfx_pipeline, image):
     return spec
 
 
-def compile_for_kubeflow(config, output_path, image=DEFAULT_IMAGE, pipeline_root=None):
-    """Write the KFP package of `config`'s pipeline to `output_path` (.yaml/.yml); return it."""
+def compile_for_kubeflow(config, output_path, image=None, pipeline_root=None):
+    """Write the KFP package of `config`'s pipeline to `output_path` (.yaml/.yml); return it.
+
+    `image` defaults to `config.container_image`.
+    """
     if not str(output_path).endswith((".yaml", ".yml")):
         raise ValueError(
             f"output file {output_path} must end in .yaml or .yml (the kfp Client uploads those)"
         )
-    spec = pipeline_spec(kubeflow_pipeline(config, pipeline_root), image)
+    spec = pipeline_spec(kubeflow_pipeline(config, pipeline_root), image or config.container_image)
     folder = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(folder, exist_ok=True)
     with open(output_path, "w") as handle:
