@@ -14,14 +14,21 @@ ENV PIP_IGNORE_REQUIRES_PYTHON=1 \
     PIP_NO_CACHE_DIR=1
 # Empty for the CPU image; "and-cuda" adds TensorFlow's CUDA libraries (pinned in constraints.txt).
 ARG TF_EXTRAS=""
+# g++ builds the native CPU sampler (stn_model/native); the runtime stage needs only libstdc++,
+# which TensorFlow needs too.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY constraints.txt pyproject.toml README.md ./
 COPY stn_model/ stn_model/
 COPY components/ components/
 COPY pipeline/ pipeline/
+# -P: build next to the installed package in site-packages, not next to /src/stn_model.
 RUN /opt/venv/bin/pip install -c constraints.txt "pip<26" setuptools wheel \
- && /opt/venv/bin/pip install -c constraints.txt . ${TF_EXTRAS:+"tensorflow[${TF_EXTRAS}]"}
+ && /opt/venv/bin/pip install -c constraints.txt . ${TF_EXTRAS:+"tensorflow[${TF_EXTRAS}]"} \
+ && /opt/venv/bin/python -P -m stn_model.native.build
 
 FROM python:3.11.11-slim-bookworm
 RUN groupadd --gid 1000 stn \

@@ -1,8 +1,9 @@
 """Sampler speed: forward + backward of bilinear_sample against PyTorch's F.grid_sample on CPU.
 
 For each shape, times one training-style step (sample, loss = sum(output * weights), gradients
-with respect to the images and the grid) eagerly, in tf.function and with XLA, and the same step
-in PyTorch when torch is importable. All modes of one shape are timed in turn, round after round,
+with respect to the images and the grid): with the native op (eager and tf.function) when it is
+built, with the pure-TF path (eager, tf.function, XLA), and the same step in PyTorch when torch
+is importable. All modes of one shape are timed in turn, round after round,
 so the ratios compare like with like on a shared machine. Prints a table and the peak RSS.
 
     .venv/bin/python benchmarks/bench_sampler.py [--threads N] [--repeats R]
@@ -42,6 +43,8 @@ def tensorflow_steps():
     import tensorflow as tf
 
     from stn_model import bilinear_sample
+    from stn_model.native import load
+    from stn_model.sampling import portable_ops
 
     def step(images, grid, weights):
         with tf.GradientTape() as tape:
@@ -50,11 +53,21 @@ def tensorflow_steps():
             loss = tf.reduce_sum(output * weights)
         return (output, *tape.gradient(loss, [images, grid]))
 
-    return {
-        "eager": step,
-        "tf.function": tf.function(step),
-        "xla": tf.function(step, jit_compile=True),
-    }
+    def pure_step(images, grid, weights):
+        with portable_ops():  # the pure-TF path, also where the native one would apply
+            return step(images, grid, weights)
+
+    steps = {}
+    if load() is not None:
+        steps.update({"native eager": step, "native tf.function": tf.function(step)})
+    steps.update(
+        {
+            "pure eager": pure_step,
+            "pure tf.function": tf.function(pure_step),
+            "pure xla": tf.function(pure_step, jit_compile=True),
+        }
+    )
+    return steps
 
 
 def torch_step():
@@ -112,13 +125,13 @@ def main(argv=None):
             mode: (lambda step=step, tf_args=tf_args: [t.numpy() for t in step(*tf_args)])
             for mode, step in steps.items()
         }
-        difference = None
+        differences = {}
         if reference is not None:
             torch_args = to_torch(images, grid, weights)
             calls["pytorch"] = lambda torch_args=torch_args: reference(*torch_args)
-            ours = steps["tf.function"](*tf_args)[0].numpy()
             theirs = reference(*torch_args)[0].detach().permute(0, 2, 3, 1).numpy()
-            difference = float(np.abs(ours - theirs).max())
+            for mode, step in steps.items():
+                differences[mode] = f"{np.abs(step(*tf_args)[0].numpy() - theirs).max():.1e}"
         timings = time_calls(calls, repeats=max(3, round(args.repeats * scale)))
         label = f"[{batch},{height},{width},{channels}]->{out_h}x{out_w}"
         for mode, timing in timings.items():
@@ -131,7 +144,7 @@ def main(argv=None):
                     timing.cpu_ms,
                     ratio.wall_ms if ratio else "-",
                     ratio.cpu_ms if ratio else "-",
-                    f"{difference:.1e}" if difference is not None and mode == "pytorch" else "",
+                    differences.get(mode, ""),
                 ]
             )
     print("bilinear_sample forward+backward, float32, zeros padding, align_corners=False")

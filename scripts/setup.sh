@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates or refreshes the project's virtual environment at .venv from constraints.txt.
-# Idempotent: skips the install when pyproject.toml and constraints.txt are unchanged.
+# Idempotent: skips the install when pyproject.toml and constraints.txt are unchanged; then builds
+# the native sampler if it is out of date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,13 +16,20 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 stamp=.venv/.installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
+  .venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
+    || .venv/bin/python -m pip install --quiet --upgrade "pip<26"
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  echo "$want" > "$stamp"
+  echo "setup: done" >&2
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
-.venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
-  || .venv/bin/python -m pip install --quiet --upgrade "pip<26"
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
-echo "$want" > "$stamp"
-echo "setup: done" >&2
+
+# The native CPU sampler (stn_model/native): run as a file, the build returns at once when the
+# library is up to date. Without it bilinear_sample uses its slower pure-TF path.
+if ! command -v g++ >/dev/null; then
+  echo "setup: warning: g++ not found, the native sampler is not built (the pure-TF one is used)" >&2
+elif ! .venv/bin/python stn_model/native/build.py; then
+  echo "setup: warning: the native sampler did not build (the pure-TF one is used)" >&2
+fi

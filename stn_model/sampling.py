@@ -1,16 +1,32 @@
 """Bilinear sampling of NHWC images at normalized grid coordinates (PyTorch's grid_sample).
 
-The forward pass pads the image with one pixel of zeros, so that the four taps of every sample
+Two implementations of one meaning. On CPU, `bilinear_sample` runs the native ops of
+`stn_model.native` (bilinear_sampler.cc, forward and backward, built by `python -m
+stn_model.native.build`). It falls back to the pure-TF path when the library is not built or
+`STN_NATIVE_SAMPLER=0`, when a GPU is visible, inside XLA compilation (jit_compile=True), and
+while a SavedModel is traced (`tf.saved_model.save`, or the `portable_ops()` scope): TF Serving
+and fresh processes cannot run the custom op.
+
+The pure-TF path pads the image with one pixel of zeros, so that the four taps of every sample
 point that can touch the image lie inside the padded image: one index per point (its top-left
 tap) and four fixed offsets address them, with no per-tap masks. The taps are kept for the
 hand-written backward pass, which takes the grid gradient from them and scatters the upstream
-gradient into the padded image with segment sums. The bilinear weights come from the unclipped
-coordinates. Half-precision inputs are computed in float32 and the results cast back.
+gradient into the padded image with segment sums. In both paths the bilinear weights come from
+the unclipped coordinates, and half-precision inputs are computed in float32 and cast back.
 """
 
+import contextlib
+import contextvars
+
 import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+from tensorflow.python.saved_model import save_context
+
+from stn_model import native
 
 PADDING_MODES = ("zeros", "border")
+_PORTABLE = contextvars.ContextVar("stn_portable_ops", default=False)
 
 
 def _check_arguments(images, grid, padding_mode):
@@ -112,6 +128,33 @@ def _sample(images, x, y, scale_x, scale_y):
     return output, backward
 
 
+@contextlib.contextmanager
+def portable_ops():
+    """Within this scope `bilinear_sample` traces the pure-TF path: for SavedModels.
+
+    TF Serving and processes that never loaded the native library cannot run its op, so what is
+    saved must not contain it. `tf.saved_model.save` (and Keras' SavedModel format) trace in the
+    pure-TF path by themselves; this scope is for functions traced before the save.
+    """
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
+
+
+def _native_library():
+    """The native op library when it applies here, else None (see the module docstring)."""
+    if (
+        _PORTABLE.get()
+        or save_context.in_save_context()
+        or control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+        or tf.config.get_visible_devices("GPU")
+    ):
+        return None
+    return native.load()
+
+
 def bilinear_sample(images, grid, padding_mode="zeros", align_corners=False):
     """Samples images [B, H, W, C] at grid [B, H', W', 2] of normalized (x, y); -> [B, H', W', C].
 
@@ -123,6 +166,26 @@ def bilinear_sample(images, grid, padding_mode="zeros", align_corners=False):
     images = tf.convert_to_tensor(images)
     grid = tf.convert_to_tensor(grid, dtype_hint=images.dtype)
     _check_arguments(images, grid, padding_mode)
+    library = _native_library()
+    if library is None:
+        return _pure_sample(images, grid, padding_mode, align_corners)
+    if images.dtype == grid.dtype:
+        return library.stn_bilinear_sample(
+            images, grid, padding_mode=padding_mode, align_corners=align_corners
+        )
+    # Mixed dtypes: sample in the compute dtype; the casts' gradients cast back.
+    compute_dtype = _compute_dtype(images, grid)
+    output = library.stn_bilinear_sample(
+        tf.cast(images, compute_dtype),
+        tf.cast(grid, compute_dtype),
+        padding_mode=padding_mode,
+        align_corners=align_corners,
+    )
+    return tf.cast(output, images.dtype)
+
+
+def _pure_sample(images, grid, padding_mode, align_corners):
+    """The pure-TF path: TF ops only, so XLA compiles it and any device runs it."""
     compute_dtype = _compute_dtype(images, grid)
     output_dtype, grid_dtype = images.dtype, grid.dtype
 

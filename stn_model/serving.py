@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from stn_model.grids import check_size
+from stn_model.sampling import portable_ops
 
 IMAGES_KEY = "images"
 EXAMPLES_KEY = "examples"
@@ -124,10 +125,12 @@ def export_saved_model(model, export_dir, rectifier=None):
         return serve(tf.io.parse_example(examples, spec)[IMAGE_FEATURE])
 
     module.serve, module.rectify, module.serve_examples = serve, rectify, serve_examples
-    signatures = {
-        SERVING_SIGNATURE: serve.get_concrete_function(),
-        RECTIFY_SIGNATURE: rectify.get_concrete_function(),
-        EXAMPLES_SIGNATURE: serve_examples.get_concrete_function(),
-    }
-    tf.saved_model.save(module, export_dir, signatures=signatures)
+    # Traced with TF ops only: TF Serving and fresh processes cannot run the native sampler.
+    with portable_ops():
+        signatures = {
+            SERVING_SIGNATURE: serve.get_concrete_function(),
+            RECTIFY_SIGNATURE: rectify.get_concrete_function(),
+            EXAMPLES_SIGNATURE: serve_examples.get_concrete_function(),
+        }
+        tf.saved_model.save(module, export_dir, signatures=signatures)
     return export_dir

@@ -1,15 +1,30 @@
-"""bilinear_sample against a SciPy reference, central differences, XLA and tf.function."""
+"""bilinear_sample against a SciPy reference, central differences, XLA and tf.function.
+
+Every test runs twice: with the native sampler (skipped when it is not built) and with the
+pure-TF path (forced by STN_NATIVE_SAMPLER=0).
+"""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy.ndimage import map_coordinates
 
-from stn_model import affine_grid, bilinear_sample, projective_grid, tps_grid
+from stn_model import affine_grid, bilinear_sample, native, projective_grid, tps_grid
 from stn_model.grids import tps_control_points
+from stn_model.native.build import BUILD_COMMAND
 
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 MODES = [(padding, align) for padding in ("zeros", "border") for align in (False, True)]
+
+
+@pytest.fixture(autouse=True, params=["native", "pure-TF"])
+def implementation(request, monkeypatch):
+    """The sampler under test: the native ops (when built) or the pure-TF path."""
+    if request.param == "pure-TF":
+        monkeypatch.setenv(native.ENV_VAR, "0")
+    elif native.load() is None:
+        pytest.skip(f"native sampler not built: run `{BUILD_COMMAND}`")
+    return request.param
 
 
 def pixel_coordinates(coord, size, align_corners):
