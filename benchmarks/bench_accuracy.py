@@ -25,7 +25,9 @@ under the heavy load above. Run a row at a time with `--variants`.
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -67,15 +69,21 @@ def parse_args(argv=None):
     parser.add_argument("--copies", type=int, help="distorted copies per digit (full 8)")
     parser.add_argument("--per-class", type=int, help="source digits per class (all if unset)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's start rate")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adam's start rate")
     parser.add_argument("--seed", type=int, default=1, help="data and initialisation seed")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="distortions trained at once, each in its own process (CPU cores shared among them)",
+    )
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
     preset = SMALL if args.small else FULL
     for name in ("epochs", "copies", "per_class", "models", "variants"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
-    for name in ("epochs", "copies", "batch_size"):
+    for name in ("epochs", "copies", "batch_size", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.per_class is not None and args.per_class < 1:
@@ -203,10 +211,10 @@ def goal_lines(results, args):
 
 
 def write_reports(results, args, command):
-    """accuracy.json and accuracy.md in args.out (rewritten after every model)."""
+    """accuracy.json and accuracy.md in args.out (rewritten after every distortion)."""
     settings = {
         k: getattr(args, k)
-        for k in ("epochs", "copies", "per_class", "batch_size", "learning_rate", "seed")
+        for k in ("epochs", "copies", "per_class", "batch_size", "learning_rate", "seed", "jobs")
     }
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump({"command": command, "settings": settings, "runs": results}, f, indent=2)
@@ -235,7 +243,8 @@ def write_reports(results, args, command):
         "",
         *goal_lines(results, args),
         "",
-        "Peak RSS is the whole process's peak so far (models train one after another).",
+        "Peak RSS is its process's peak so far (the models of a distortion train one after "
+        "another in one process).",
         "",
         *detail,
         "",
@@ -244,41 +253,77 @@ def write_reports(results, args, command):
         f.write("\n".join(text))
 
 
+def run_variant(variant, args):
+    """Trains every model of `args.models` on one distortion; -> {"variant/model": result}."""
+    from stn_model.visualize import plot_training_curves
+
+    if args.jobs > 1:
+        import tensorflow as tf
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    data = load_variant(variant, args)
+    results, histories, pictured = {}, {}, False
+    for name in args.models:
+        print(f"== {variant} / {name}", flush=True)
+        model, history, wall, cpu = train(name, data, args)
+        error, error_se = test_error(model, data[2], data[3])
+        print(f"== {variant} / {name}: test error {error:.2f}%", flush=True)
+        results[f"{variant}/{name}"] = {
+            "error_pct": error,
+            "error_se_pct": error_se,
+            "paper_error_pct": PAPER_ERROR[name].get(variant),
+            "train_images": len(data[0]),
+            "eval_images": len(data[2]),
+            "fit_wall_s": wall,
+            "fit_cpu_s": cpu,
+            "peak_rss_mib": peak_rss_mib(),
+            "history": history,
+        }
+        histories[name] = history
+        if name.startswith("st_cnn") and not pictured:
+            save_pictures(variant, model, data, args.out)
+            pictured = True
+    plot_training_curves(
+        histories,
+        os.path.join(args.out, f"training_curves_{variant}.png"),
+        title=f"{variant.upper()}: training curves",
+    )
+    return results
+
+
+def run_all(args, command):
+    """Runs the distortions, `args.jobs` at a time; writes the reports as each one finishes."""
+    results = {}
+
+    def finished(variant_results):
+        results.update(variant_results)
+        write_reports(in_table_order(results, args), args, command)
+
+    if args.jobs == 1 or len(args.variants) == 1:
+        for variant in args.variants:
+            finished(run_variant(variant, args))
+    else:
+        spawn = multiprocessing.get_context("spawn")  # TensorFlow does not survive a fork
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_variant, variant, args) for variant in args.variants]
+            for future in concurrent.futures.as_completed(futures):
+                finished(future.result())
+    return in_table_order(results, args)
+
+
+def in_table_order(results, args):
+    """`results` ordered by distortion, then model, as the arguments list them."""
+    keys = [f"{variant}/{model}" for variant in args.variants for model in args.models]
+    return {key: results[key] for key in keys if key in results}
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     command = "benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    from stn_model.visualize import plot_training_curves
-
-    results = {}
-    for variant in args.variants:
-        data = load_variant(variant, args)
-        histories, pictured = {}, False
-        for name in args.models:
-            print(f"== {variant} / {name}", flush=True)
-            model, history, wall, cpu = train(name, data, args)
-            error, error_se = test_error(model, data[2], data[3])
-            results[f"{variant}/{name}"] = {
-                "error_pct": error,
-                "error_se_pct": error_se,
-                "paper_error_pct": PAPER_ERROR[name].get(variant),
-                "train_images": len(data[0]),
-                "eval_images": len(data[2]),
-                "fit_wall_s": wall,
-                "fit_cpu_s": cpu,
-                "peak_rss_mib": peak_rss_mib(),
-                "history": history,
-            }
-            histories[name] = history
-            if name.startswith("st_cnn") and not pictured:
-                save_pictures(variant, model, data, args.out)
-                pictured = True
-            write_reports(results, args, command)
-        plot_training_curves(
-            histories,
-            os.path.join(args.out, f"training_curves_{variant}.png"),
-            title=f"{variant.upper()}: training curves",
-        )
+    results = run_all(args, command)
     rows = [
         (
             key.split("/")[0],

@@ -28,7 +28,9 @@ def test_small_preset_and_overrides():
     assert full.variants == ["rts", "p"] and len(full.models) == 6
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--copies", "-1"], ["--models", "vgg"]])
+@pytest.mark.parametrize(
+    "argv", [["--epochs", "0"], ["--copies", "-1"], ["--models", "vgg"], ["--jobs", "0"]]
+)
 def test_bad_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         bench_accuracy.parse_args(argv)
@@ -46,6 +48,13 @@ def test_error_table_puts_ours_beside_the_paper():
     assert table[0] == "| model | RTS ours / paper | E ours / paper |"
     assert table[2] == "| cnn | 1.50 ± 0.10 / 0.8 | – / 1.4 |"
     assert table[3] == "| st_cnn_projective | 0.75 ± 0.10 / n/a | – / n/a |"
+
+
+def test_results_come_out_in_table_order_whatever_finished_first():
+    args = bench_accuracy.parse_args(["--variants", "rts", "r", "--models", "cnn", "st_fcn"])
+    finished = {"r/st_fcn": run(1), "rts/st_fcn": run(2), "r/cnn": run(3), "rts/cnn": run(4)}
+    ordered = bench_accuracy.in_table_order(finished, args)
+    assert list(ordered) == ["rts/cnn", "rts/st_fcn", "r/cnn", "r/st_fcn"]
 
 
 def test_goals_compare_the_cut_with_the_papers():
@@ -72,8 +81,9 @@ def test_goals_compare_the_cut_with_the_papers():
 @pytest.mark.slow
 def test_small_run_writes_tables_json_and_pictures(tmp_path):
     out = tmp_path / "results"
+    command = ["benchmarks/bench_accuracy.py", "--small", "--variants", "rts", "r", "--jobs", "2"]
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_accuracy.py", "--small", "--out", str(out)],
+        [sys.executable, *command, "--out", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -81,7 +91,7 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "accuracy.json").read_text())
-    assert set(report["runs"]) == {"rts/cnn", "rts/st_cnn_affine"}
+    assert list(report["runs"]) == ["rts/cnn", "rts/st_cnn_affine", "r/cnn", "r/st_cnn_affine"]
     for key, paper in (("rts/cnn", 0.8), ("rts/st_cnn_affine", 0.5)):
         result = report["runs"][key]
         # 20 source digits per class x 10 classes x 1 copy, in both splits
@@ -94,6 +104,7 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
     markdown = (out / "accuracy.md").read_text()
     assert "| model | RTS ours / paper |" in markdown and "/ 0.8 |" in markdown
     assert "rts" in done.stdout and "st_cnn_affine" in done.stdout
-    for picture in ("rectification_rts", "sampling_grid_rts", "training_curves_rts"):
-        with Image.open(out / f"{picture}.png") as image:
-            assert image.format == "PNG" and min(image.size) > 100
+    for variant in ("rts", "r"):
+        for picture in ("rectification", "sampling_grid", "training_curves"):
+            with Image.open(out / f"{picture}_{variant}.png") as image:
+                assert image.format == "PNG" and min(image.size) > 100
