@@ -33,9 +33,9 @@ class PipelineConfig:
     model_name: str = "stn"  # served under <home>/serving/<model_name>/<version>/
     # Training (passed to stn_model.trainer through the Trainer's custom_config)
     model: str = "st_cnn_affine"
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 128
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     train_steps: int | None = None  # if set, train this many steps instead of `epochs` epochs
     eval_steps: int | None = None  # if set, validate on this many batches per epoch
     image_size: int = 42

@@ -38,9 +38,9 @@ class TrainingOptions:
     """What ``custom_config`` may set (all optional)."""
 
     model: str = "st_cnn_affine"
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 128  # per replica
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     image_size: int = 42
     num_classes: int = 10
     seed: int = 1
