@@ -10,18 +10,15 @@ Jaderberg et al. 2015 (arXiv 1506.02025), with training time and peak RSS, and w
 `accuracy.md`, `accuracy.json` and pictures per distortion (inputs beside what the trained
 ST-CNN made of them, its sampling grids, training curves) into `--out`.
 
-    .venv/bin/python benchmarks/bench_accuracy.py                     # everything (long, below)
+    .venv/bin/python benchmarks/bench_accuracy.py --jobs 2            # everything (long, below)
     .venv/bin/python benchmarks/bench_accuracy.py --small             # smoke test, 2 minutes
     .venv/bin/python benchmarks/bench_accuracy.py --variants rts --models cnn st_cnn_affine
 
-How long it takes on 2 CPU cores. Measured on this project's 2-core machine (RTS row,
-defaults: 5 epochs, copies 8, 36,000 train / 4,000 eval images), fit time wall / CPU:
-ST-CNN affine 747 / 253 s and CNN 1,174 / 378 s while other jobs loaded the machine (load
-average 10 to 13); ST-CNN TPS 248 / 241 s, ST-FCN 29 / 31 s, FCN 12 / 14 s at a light load
-(about 2.5), where wall time is about CPU time. Peak RSS 1.5 to 2 GiB. Extrapolated, not run:
-one distortion is about 1,200 CPU s (ST-CNN projective counted like affine), so the full run
-(4 distortions) is about 4,700 CPU s: some 80 minutes on an idle 2-core machine, about 4 hours
-under the heavy load above. Run a row at a time with `--variants`.
+How long it takes on 2 CPU cores. The full run with `--jobs 2` (two distortions at a time, one
+thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds of fitting
+with the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds
+per distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
+process. `--small` takes 1 to 2 minutes.
 """
 
 import argparse
