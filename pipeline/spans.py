@@ -11,7 +11,7 @@ image's distortion (see `pipeline.distorted_mnist`), enough to redraw it exactly
 Defaults: RTS digits on a 42 x 42 canvas, 8 distorted copies of every source digit, so the
 default span holds 4,500 x 8 = 36,000 train and 500 x 8 = 4,000 eval images (about 160 MB on
 disk). Why 8: the default main run (affine ST-CNN, 8 epochs of Adam from 2e-3) reaches 97.5%
-on these unseen digits in about 6 minutes of training on 2 CPU cores; 16 copies, trained for
+on these unseen digits in under 5 minutes of training on 2 CPU cores; 16 copies, trained for
 as many steps, measured the same (97.5%) at twice the ingestion cost. 4,000 eval images
 resolve accuracy to 0.025%. Without a seed the span number is the seed, so `span=2` alone makes
 new data.

@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 from tfx.components.trainer.fn_args_utils import FnArgs
 
+from pipeline.configs import PipelineConfig
 from stn_model import serving, trainer
 from stn_model.models import build_model, rectifier
 
@@ -40,6 +41,13 @@ def pixels():
     # Smooth images, so that resampling differences between libraries stay small.
     coarse = rng.integers(0, 256, (4, 7, 7, 3)).astype(np.uint8)
     return [np.asarray(Image.fromarray(c).resize((70, 56), Image.BICUBIC)) for c in coarse]
+
+
+def test_trainer_defaults_are_the_pipeline_defaults():
+    """run_fn called outside the pipeline trains with the recipe the pipeline passes it."""
+    defaults = vars(trainer.TrainingOptions())
+    for name, value in PipelineConfig().trainer_custom_config().items():
+        assert defaults[name] == value, name
 
 
 def test_gray_png_of_the_model_size_decodes_exactly():
