@@ -4,11 +4,16 @@ Trains each model (CNN, ST-CNN affine / projective / TPS, FCN, ST-FCN) on each d
 (R, RTS, P, E) of the embedded data (pipeline/distorted_mnist.py: 4,500 train digits x
 `--copies` distorted copies; the paper had 60,000 digits), with one training recipe for all:
 Adam, learning rate `--learning-rate` with cosine decay to 0 over `--epochs` epochs, batch
-`--batch-size`, the same seed (so the same data order). It reports the test error on the eval
+`--batch-size`, the same seed (so the same data order). With `--redraw` the training digits
+are distorted anew every epoch (epoch e draws with seed `seed * 1000 + e`; every model of a
+distortion sees the same draws), so the models cannot learn the training images by heart.
+It reports the test error on the eval
 split (the 500 held-out digits x `--copies`, never seen in training) beside Table 1 of
 Jaderberg et al. 2015 (arXiv 1506.02025), with training time and peak RSS, and writes
 `accuracy.md`, `accuracy.json` and pictures per distortion (inputs beside what the trained
-ST-CNN made of them, its sampling grids, training curves) into `--out`.
+ST-CNN made of them, its sampling grids, training curves) into `--out`. On R it also measures
+whether each ST-CNN turns the digits back upright: the slope and correlation of its sampling
+grid's rotation against each eval digit's true angle (a perfect rectifier has slope -1).
 
     .venv/bin/python benchmarks/bench_accuracy.py --jobs 2            # everything (long, below)
     .venv/bin/python benchmarks/bench_accuracy.py --small             # smoke test, 2 minutes
@@ -23,6 +28,7 @@ process. `--small` takes 1 to 2 minutes.
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -33,6 +39,9 @@ import numpy as np
 from _util import peak_rss_mib, print_table
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+# isort: split
+import tf_keras as keras
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("r", "rts", "p", "e")
@@ -69,6 +78,11 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adam's start rate")
     parser.add_argument("--seed", type=int, default=1, help="data and initialisation seed")
     parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="distort the training digits anew every epoch instead of reusing one draw",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -90,26 +104,75 @@ def parse_args(argv=None):
     return args
 
 
+def as_inputs(images):
+    """uint8 [N, H, W] -> float32 [N, H, W, 1] in [0, 1], the models' input."""
+    return (images[..., None] / np.float32(255)).astype(np.float32)
+
+
 def load_variant(variant, args):
-    """(train images, train labels, eval images, eval labels), images float32 [N, 42, 42, 1]."""
+    """(train images, train labels, eval images, eval labels, eval records); images float32
+    [N, 42, 42, 1]. The training split is the draw with seed `args.seed`."""
     from pipeline.distorted_mnist import make_split
 
     def split(name):
-        images, labels, _ = make_split(
+        images, labels, records = make_split(
             variant, args.copies, seed=args.seed, split=name, per_class=args.per_class
         )
-        return (images[..., None] / np.float32(255)).astype(np.float32), labels
+        return as_inputs(images), labels, records
 
-    return (*split("train"), *split("eval"))
+    train_x, train_y, _ = split("train")
+    return (train_x, train_y, *split("eval"))
 
 
-def train(name, data, args):
-    """Train one model with the shared recipe; -> (model, history, fit wall s, fit CPU s)."""
-    import tf_keras as keras
+class Redraws(keras.utils.Sequence):
+    """Training batches from a fresh draw of the distortions every epoch.
 
+    `draw(epoch)` returns (uint8 images, labels) of that epoch's training split; keep it
+    cached (functools.cache) to give every model the same draws. Keras calls `on_epoch_end`
+    once per epoch (no enqueuer with the default workers=1).
+    """
+
+    def __init__(self, draw, batch_size):
+        super().__init__()
+        self.draw, self.batch_size, self.epoch = draw, batch_size, 0
+
+    def __len__(self):
+        return int(np.ceil(len(self.draw(self.epoch)[1]) / self.batch_size))
+
+    def __getitem__(self, index):
+        images, labels = self.draw(self.epoch)
+        batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return as_inputs(images[batch]), labels[batch]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+def training_draws(variant, args):
+    """A cached function epoch -> (uint8 images, labels): draw e has seed `seed * 1000 + e`."""
+    from pipeline.distorted_mnist import make_split
+
+    @functools.cache
+    def draw(epoch):
+        images, labels, _ = make_split(
+            variant,
+            args.copies,
+            seed=args.seed * 1000 + epoch,
+            split="train",
+            per_class=args.per_class,
+        )
+        return images, labels
+
+    return draw
+
+
+def train(name, data, args, draws=None):
+    """Train one model with the shared recipe; -> (model, history, fit wall s, fit CPU s).
+
+    `draws` (from `training_draws`) replaces the fixed training split of `data`."""
     from stn_model.models import build_model
 
-    train_x, train_y, eval_x, eval_y = data
+    train_x, train_y, eval_x, eval_y, _ = data
     keras.utils.set_random_seed(args.seed)
     model = build_model(name, input_shape=train_x.shape[1:], num_classes=10)
     steps = args.epochs * int(np.ceil(len(train_x) / args.batch_size))
@@ -120,10 +183,12 @@ def train(name, data, args):
         metrics=["accuracy"],
     )
     wall, cpu = time.perf_counter(), time.process_time()
+    if draws is None:
+        fit_data = {"x": train_x, "y": train_y, "batch_size": args.batch_size}
+    else:
+        fit_data = {"x": Redraws(draws, args.batch_size)}
     history = model.fit(
-        train_x,
-        train_y,
-        batch_size=args.batch_size,
+        **fit_data,
         epochs=args.epochs,
         validation_data=(eval_x, eval_y),
         verbose=2,
@@ -143,7 +208,7 @@ def save_pictures(variant, model, data, out):
     from stn_model.models import find_spatial_transformer
     from stn_model.visualize import plot_rectification, plot_sampling_grids
 
-    _, _, eval_x, eval_y = data
+    _, _, eval_x, eval_y, _ = data
     images, labels = eval_x[:PICTURE_DIGITS], eval_y[:PICTURE_DIGITS]
     rectified, _, grid = find_spatial_transformer(model).rectify(images, training=False)
     where = f"{model.name} on {variant.upper()} eval digits"
@@ -161,6 +226,37 @@ def save_pictures(variant, model, data, out):
         align_corners=find_spatial_transformer(model).align_corners,
         title=f"{where}: sampling grids",
     )
+
+
+def grid_rotation_deg(grids):
+    """The rotation (degrees, counter-clockwise in grid coordinates) of each sampling grid
+    [B, H, W, 2]: the mean direction of its rows and of its columns, averaged."""
+    grids = np.asarray(grids, dtype=np.float64)
+    along_x = np.diff(grids, axis=2).mean(axis=(1, 2))  # where the output's x axis points
+    along_y = np.diff(grids, axis=1).mean(axis=(1, 2))  # where the output's y axis points
+    angle_x = np.arctan2(along_x[:, 1], along_x[:, 0])
+    angle_y = np.arctan2(-along_y[:, 0], along_y[:, 1])
+    return np.degrees(np.angle(np.exp(1j * angle_x) + np.exp(1j * angle_y)))
+
+
+def rotation_recovery(model, eval_x, records, count=2000):
+    """How far an R-trained ST model turns digits back: {"slope", "correlation"} of its grid
+    rotation against each eval digit's true angle (slope -1: exactly upright again)."""
+    from stn_model.models import find_spatial_transformer
+
+    transformer = find_spatial_transformer(model)
+    grids = np.concatenate(
+        [
+            np.asarray(transformer.rectify(eval_x[i : i + 500], training=False)[2])
+            for i in range(0, min(count, len(eval_x)), 500)
+        ]
+    )
+    true = np.array([r["params"]["angle_deg"] for r in records[: len(grids)]])
+    turned = grid_rotation_deg(grids)
+    return {
+        "slope": float(np.polyfit(true, turned, 1)[0]),
+        "correlation": float(np.corrcoef(true, turned)[0, 1]),
+    }
 
 
 def paper(model, variant):
@@ -207,11 +303,34 @@ def goal_lines(results, args):
     return lines
 
 
+def rotation_lines(results):
+    """One line per ST model trained on R: how far its grids turn the digits back."""
+    lines = []
+    for key, run in results.items():
+        if "rotation" in run:
+            slope, correlation = run["rotation"]["slope"], run["rotation"]["correlation"]
+            lines.append(
+                f"- R: {key.split('/')[1]} turns digits back by {-100 * slope:.0f}% of their "
+                f"rotation (grid rotation vs true angle: slope {slope:.2f}, correlation "
+                f"{correlation:.2f}; -1 is upright)"
+            )
+    return lines
+
+
 def write_reports(results, args, command):
     """accuracy.json and accuracy.md in args.out (rewritten after every distortion)."""
     settings = {
         k: getattr(args, k)
-        for k in ("epochs", "copies", "per_class", "batch_size", "learning_rate", "seed", "jobs")
+        for k in (
+            "epochs",
+            "copies",
+            "redraw",
+            "per_class",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "jobs",
+        )
     }
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump({"command": command, "settings": settings, "runs": results}, f, indent=2)
@@ -239,6 +358,7 @@ def write_reports(results, args, command):
         error_table(results, args),
         "",
         *goal_lines(results, args),
+        *rotation_lines(results),
         "",
         "Peak RSS is its process's peak so far (the models of a distortion train one after "
         "another in one process).",
@@ -261,13 +381,14 @@ def run_variant(variant, args):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     data = load_variant(variant, args)
+    draws = training_draws(variant, args) if args.redraw else None
     results, histories, pictured = {}, {}, False
     for name in args.models:
         print(f"== {variant} / {name}", flush=True)
-        model, history, wall, cpu = train(name, data, args)
+        model, history, wall, cpu = train(name, data, args, draws)
         error, error_se = test_error(model, data[2], data[3])
         print(f"== {variant} / {name}: test error {error:.2f}%", flush=True)
-        results[f"{variant}/{name}"] = {
+        result = results[f"{variant}/{name}"] = {
             "error_pct": error,
             "error_se_pct": error_se,
             "paper_error_pct": PAPER_ERROR[name].get(variant),
@@ -278,6 +399,9 @@ def run_variant(variant, args):
             "peak_rss_mib": peak_rss_mib(),
             "history": history,
         }
+        if variant == "r" and name.startswith("st_cnn"):
+            result["rotation"] = rotation_recovery(model, data[2], data[4])
+            print(f"== {variant} / {name}: rotation recovery {result['rotation']}", flush=True)
         histories[name] = history
         if name.startswith("st_cnn") and not pictured:
             save_pictures(variant, model, data, args.out)
@@ -337,7 +461,7 @@ def main(argv=None):
         ["distortion", "model", "error %", "paper %", "fit wall s", "fit CPU s", "peak RSS MiB"],
         rows,
     )
-    print("\n".join(goal_lines(results, args)))
+    print("\n".join(goal_lines(results, args) + rotation_lines(results)))
     print(f"written: {os.path.join(args.out, 'accuracy.md')} and accuracy.json, pictures")
     return 0
 

@@ -78,10 +78,105 @@ def test_goals_compare_the_cut_with_the_papers():
     ]
 
 
+@pytest.mark.parametrize("degrees", [-75.0, -10.0, 0.0, 33.0, 89.0])
+def test_grid_rotation_reads_back_the_angle_of_an_affine_grid(degrees):
+    from stn_model.grids import affine_grid
+
+    # A zoom, a shift and a non-square output must not change the angle read back.
+    phi, scale = np.radians(degrees), 0.7
+    theta = [
+        [scale * np.cos(phi), -scale * np.sin(phi), 0.2],
+        [scale * np.sin(phi), scale * np.cos(phi), -0.1],
+    ]
+    grid = affine_grid(np.array([theta], np.float32), (20, 28))
+    assert bench_accuracy.grid_rotation_deg(grid) == pytest.approx([degrees], abs=1e-3)
+
+
+def test_a_grid_turning_by_minus_the_true_angle_puts_r_digits_upright():
+    """The data's own renderer is the oracle for the sign that 'slope -1 is upright' claims."""
+    from pipeline.distorted_mnist import load_source, make_split, render
+    from stn_model.grids import affine_grid
+    from stn_model.sampling import bilinear_sample
+
+    images, _, records = make_split("r", 1, seed=3, split="eval", per_class=1)
+    angles = np.radians([r["params"]["angle_deg"] for r in records])
+    upright = render(
+        "r",
+        load_source()[0][[r["source_index"] for r in records]],
+        [{"angle_deg": 0.0}] * len(records),
+    ).astype(np.float32)
+
+    def turned(phi):
+        cos, sin, zero = np.cos(phi), np.sin(phi), np.zeros_like(phi)
+        theta = np.stack([cos, -sin, zero, sin, cos, zero], axis=1).astype(np.float32)
+        grid = affine_grid(theta, (42, 42))
+        return np.asarray(bilinear_sample(images[..., None].astype(np.float32), grid))[..., 0], grid
+
+    back, grid = turned(-angles)
+    wrong_way, _ = turned(angles)
+    assert np.abs(back - upright).mean() < 0.3 * np.abs(wrong_way - upright).mean()
+    assert bench_accuracy.grid_rotation_deg(grid) == pytest.approx(-np.degrees(angles), abs=1e-3)
+
+
+def test_rotation_lines_say_how_far_digits_are_turned_back():
+    results = {
+        "r/cnn": run(3.0),
+        "r/st_cnn_affine": {**run(2.0), "rotation": {"slope": -0.45, "correlation": 0.8}},
+    }
+    assert bench_accuracy.rotation_lines(results) == [
+        "- R: st_cnn_affine turns digits back by 45% of their rotation (grid rotation vs true "
+        "angle: slope -0.45, correlation 0.80; -1 is upright)"
+    ]
+
+
+def test_training_draws_are_new_every_epoch_and_shared_between_models():
+    args = bench_accuracy.parse_args(["--per-class", "2", "--copies", "3", "--seed", "4"])
+    draw = bench_accuracy.training_draws("rts", args)
+    (first, labels0), (second, labels1) = draw(0), draw(1)
+    assert first.shape == second.shape == (60, 42, 42) and first.dtype == np.uint8
+    assert sorted(labels0) == sorted(labels1) == sorted(list(range(10)) * 6)
+    assert not np.array_equal(first, second)
+    assert draw(0)[0] is first  # cached: every model of the distortion trains on these
+    from pipeline.distorted_mnist import make_split
+
+    assert np.array_equal(first, make_split("rts", 3, seed=4000, split="train", per_class=2)[0])
+
+
+def test_keras_fit_takes_one_draw_per_epoch_in_order():
+    import tf_keras as keras
+
+    served = []
+
+    class Recorded(bench_accuracy.Redraws):
+        def __getitem__(self, index):
+            served.append((self.epoch, index))
+            return super().__getitem__(index)
+
+    rng = np.random.default_rng(0)
+
+    def draw(epoch):
+        return rng.integers(0, 256, (10, 6, 6), dtype=np.uint8), np.arange(10) % 3
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(Recorded(draw, batch_size=4), epochs=3, verbose=0)
+    assert len(history.history["loss"]) == 3
+    # Keras peeks at batch 0 once before training; then ceil(10 / 4) = 3 batches per epoch,
+    # all from that epoch's draw, epochs in order.
+    assert [epoch for epoch, _ in served] == sorted(epoch for epoch, _ in served)
+    for epoch in range(3):
+        assert {index for e, index in served if e == epoch} == {0, 1, 2}
+    assert len(served) in (9, 10)
+
+
 @pytest.mark.slow
 def test_small_run_writes_tables_json_and_pictures(tmp_path):
     out = tmp_path / "results"
-    command = ["benchmarks/bench_accuracy.py", "--small", "--variants", "rts", "r", "--jobs", "2"]
+    command = [
+        "benchmarks/bench_accuracy.py",
+        *("--small", "--redraw", "--epochs", "2", "--variants", "rts", "r", "--jobs", "2"),
+    ]
     done = subprocess.run(
         [sys.executable, *command, "--out", str(out)],
         cwd=REPO_ROOT,
@@ -99,10 +194,13 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
         wrong = result["error_pct"] * result["eval_images"] / 100
         assert 0 <= wrong <= 200 and wrong == pytest.approx(round(wrong))  # a count of errors
         assert result["paper_error_pct"] == paper
-        assert len(result["history"]["loss"]) == 1 and np.isfinite(result["history"]["loss"][0])
+        assert len(result["history"]["loss"]) == 2 and np.isfinite(result["history"]["loss"]).all()
         assert result["fit_wall_s"] > 0 and result["peak_rss_mib"] > 100
     markdown = (out / "accuracy.md").read_text()
     assert "| model | RTS ours / paper |" in markdown and "/ 0.8 |" in markdown
+    assert report["settings"]["redraw"] is True
+    rotation = report["runs"]["r/st_cnn_affine"]["rotation"]
+    assert -1.5 < rotation["slope"] < 1.5 and "turns digits back by" in markdown
     assert "rts" in done.stdout and "st_cnn_affine" in done.stdout
     for variant in ("rts", "r"):
         for picture in ("rectification", "sampling_grid", "training_curves"):
