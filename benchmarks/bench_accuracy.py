@@ -23,7 +23,9 @@ How long it takes on 2 CPU cores. The full run with `--jobs 2` (two distortions 
 thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds of fitting
 with the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds
 per distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
-process. `--small` takes 1 to 2 minutes.
+process. `--small` takes 1 to 2 minutes. With `--redraw --epochs 10` (native sampler) the fit
+CPU seconds per distortion were CNN 770-820 and each ST-CNN 480-500; drawing the distortions
+takes about 7 s per epoch and distortion.
 """
 
 import argparse
