@@ -7,11 +7,11 @@ Adam, learning rate `--learning-rate` with cosine decay to 0 over `--epochs` epo
 `--batch-size`, the same seed (so the same data order). With `--redraw` the training digits
 are distorted anew every epoch (epoch e draws with seed `seed * 1000 + e`; every model of a
 distortion sees the same draws), so the models cannot learn the training images by heart.
-It reports the test error on the eval
-split (the 500 held-out digits x `--copies`, never seen in training) beside Table 1 of
-Jaderberg et al. 2015 (arXiv 1506.02025), with training time and peak RSS, and writes
-`accuracy.md`, `accuracy.json` and pictures per distortion (inputs beside what the trained
-ST-CNN made of them, its sampling grids, training curves) into `--out`. On R it also measures
+It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
+seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
+time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
+(inputs beside what the trained ST-CNN made of them, its sampling grids, training curves)
+into `--out`. On R it also measures
 whether each ST-CNN turns the digits back upright: the slope and correlation of its sampling
 grid's rotation against each eval digit's true angle (a perfect rectifier has slope -1).
 
@@ -231,8 +231,9 @@ def save_pictures(variant, model, data, out):
 
 
 def grid_rotation_deg(grids):
-    """The rotation (degrees, counter-clockwise in grid coordinates) of each sampling grid
-    [B, H, W, 2]: the mean direction of its rows and of its columns, averaged."""
+    """The rotation in degrees of each sampling grid [B, H, W, 2] (x right, y down, so a
+    positive angle turns clockwise on screen): the mean direction of its rows and of its
+    columns, averaged."""
     grids = np.asarray(grids, dtype=np.float64)
     along_x = np.diff(grids, axis=2).mean(axis=(1, 2))  # where the output's x axis points
     along_y = np.diff(grids, axis=1).mean(axis=(1, 2))  # where the output's y axis points
