@@ -128,15 +128,21 @@ def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def make_split(variant, copies, canvas=42, seed=1, split="train", per_class=None):
+def make_split(
+    variant, copies, canvas=42, seed=1, split="train", per_class=None, max_angle=R_MAX_ANGLE
+):
     """Distort every source digit of `split` `copies` times; images come out shuffled.
 
     Returns (images uint8 [N, canvas, canvas], labels int64 [N], records), N = digits x
     copies. `variant` is one of VARIANTS or "mixed" (a variant drawn per image, recorded in
-    its record); `per_class` limits the source digits (see `source_indices`). The same
-    arguments give the same arrays.
+    its record); `per_class` limits the source digits (see `source_indices`); `max_angle`
+    narrows the rotation of R images to +-max_angle degrees (at most R_MAX_ANGLE; the rest of
+    the draw is unchanged, so a smaller angle turns the same digits the same way, less far).
+    The same arguments give the same arrays.
     """
     check_split_args(variant, copies, canvas, seed, per_class)
+    if not isinstance(max_angle, (int, float, np.number)) or not 0 <= max_angle <= R_MAX_ANGLE:
+        raise ValueError(f"max_angle must be 0 to {R_MAX_ANGLE:g} degrees, got {max_angle!r}")
     digits, labels = load_source()
     rows = np.tile(source_indices(split, per_class), copies)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -151,7 +157,10 @@ def make_split(variant, copies, canvas=42, seed=1, split="train", per_class=None
         where = np.flatnonzero(kinds == kind)
         if not len(where):
             continue
-        params = _SAMPLERS[kind](rng, digits[rows[where]], canvas)
+        sample = (
+            functools.partial(_sample_r, max_angle=max_angle) if kind == "r" else _SAMPLERS[kind]
+        )
+        params = sample(rng, digits[rows[where]], canvas)
         images[where] = render(kind, digits[rows[where]], params, canvas)
         for i, p in zip(where, params, strict=True):
             records[i] = {"source_index": int(rows[i]), "variant": kind, "params": p}
@@ -316,8 +325,8 @@ def _elastic_fields(params):
     return alpha[:, :, :, None] * smooth
 
 
-def _sample_r(rng, digits, canvas):
-    angles = np.round(rng.uniform(-R_MAX_ANGLE, R_MAX_ANGLE, len(digits)), 2)
+def _sample_r(rng, digits, canvas, max_angle=R_MAX_ANGLE):
+    angles = np.round(rng.uniform(-max_angle, max_angle, len(digits)), 2)
     return [{"angle_deg": float(a)} for a in angles]
 
 

@@ -29,7 +29,15 @@ def test_small_preset_and_overrides():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--epochs", "0"], ["--copies", "-1"], ["--models", "vgg"], ["--jobs", "0"]]
+    "argv",
+    [
+        ["--epochs", "0"],
+        ["--copies", "-1"],
+        ["--models", "vgg"],
+        ["--jobs", "0"],
+        ["--rotation-warmup", "2"],  # without --redraw
+        ["--rotation-warmup", "5", "--redraw", "--epochs", "5"],  # no full-angle epoch left
+    ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -118,14 +126,31 @@ def test_a_grid_turning_by_minus_the_true_angle_puts_r_digits_upright():
     assert bench_accuracy.grid_rotation_deg(grid) == pytest.approx(-np.degrees(angles), abs=1e-3)
 
 
+def test_rotation_summary_by_hand():
+    # residuals |true + turned| wrapped to [0, 180]: 0, 0, 20, 180 (an 8: upside down is
+    # upright, so 0), 70 (a 4: not), 170 (a 2 turned the wrong way round: 170, not 10)
+    true = [30.0, -60.0, 50.0, 80.0, 80.0, 85.0]
+    turned = [-30.0, 60.0, -30.0, 100.0, -10.0, 85.0]
+    summary = bench_accuracy.rotation_summary(turned, true, [2, 3, 5, 8, 4, 2])
+    assert summary["median_residual_deg"] == pytest.approx(10.0)  # of 0, 0, 0, 20, 70, 170
+    assert summary["upright_share"] == pytest.approx(3 / 6)
+    assert summary["slope"] == pytest.approx(np.polyfit(true, turned, 1)[0])
+    perfect = bench_accuracy.rotation_summary([-10.0, 40.0, -89.0], [10.0, -40.0, 89.0], [1, 2, 3])
+    assert (perfect["slope"], perfect["upright_share"]) == pytest.approx((-1.0, 1.0))
+
+
 def test_rotation_lines_say_how_far_digits_are_turned_back():
-    results = {
-        "r/cnn": run(3.0),
-        "r/st_cnn_affine": {**run(2.0), "rotation": {"slope": -0.45, "correlation": 0.8}},
+    rotation = {
+        "slope": -0.45,
+        "correlation": -0.8,
+        "median_residual_deg": 7.6,
+        "upright_share": 0.782,
     }
+    results = {"r/cnn": run(3.0), "r/st_cnn_affine": {**run(2.0), "rotation": rotation}}
     assert bench_accuracy.rotation_lines(results) == [
-        "- R: st_cnn_affine turns digits back by 45% of their rotation (grid rotation vs true "
-        "angle: slope -0.45, correlation 0.80; -1 is upright)"
+        "- R: st_cnn_affine turns 78% of the digits back to within 15 degrees of upright "
+        "(median 8 degrees left; grid rotation vs true angle: slope -0.45, correlation -0.80, "
+        "-1 is upright)"
     ]
 
 
@@ -140,6 +165,23 @@ def test_training_draws_are_new_every_epoch_and_shared_between_models():
     from pipeline.distorted_mnist import make_split
 
     assert np.array_equal(first, make_split("rts", 3, seed=4000, split="train", per_class=2)[0])
+
+
+def test_rotation_warmup_widens_r_draws_to_90_degrees_then_stays():
+    args = bench_accuracy.parse_args(
+        ["--redraw", "--rotation-warmup", "5", "--epochs", "8", "--per-class", "1"]
+    )
+    angles = [bench_accuracy.max_angle(epoch, args) for epoch in range(8)]
+    assert angles == pytest.approx([15, 30, 45, 60, 75, 90, 90, 90])
+    from pipeline.distorted_mnist import make_split
+
+    draw = bench_accuracy.training_draws("r", args)
+    for epoch, widest in ((0, 15), (6, 90)):
+        wanted = make_split("r", 8, seed=1000 + epoch, split="train", per_class=1, max_angle=widest)
+        assert np.array_equal(draw(epoch)[0], wanted[0])
+    # other distortions ignore the warm-up
+    rts = bench_accuracy.training_draws("rts", args)(0)[0]
+    assert np.array_equal(rts, make_split("rts", 8, seed=1000, split="train", per_class=1)[0])
 
 
 def test_keras_fit_takes_one_draw_per_epoch_in_order():
@@ -175,7 +217,8 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
     out = tmp_path / "results"
     command = [
         "benchmarks/bench_accuracy.py",
-        *("--small", "--redraw", "--epochs", "2", "--variants", "rts", "r", "--jobs", "2"),
+        *("--small", "--redraw", "--rotation-warmup", "1", "--epochs", "2"),
+        *("--variants", "rts", "r", "--jobs", "2"),
     ]
     done = subprocess.run(
         [sys.executable, *command, "--out", str(out)],
@@ -187,6 +230,7 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "accuracy.json").read_text())
     assert list(report["runs"]) == ["rts/cnn", "rts/st_cnn_affine", "r/cnn", "r/st_cnn_affine"]
+    assert report["settings"]["redraw"] and report["settings"]["rotation_warmup"] == 1
     for key, paper in (("rts/cnn", 0.8), ("rts/st_cnn_affine", 0.5)):
         result = report["runs"][key]
         # 20 source digits per class x 10 classes x 1 copy, in both splits
@@ -198,9 +242,9 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
         assert result["fit_wall_s"] > 0 and result["peak_rss_mib"] > 100
     markdown = (out / "accuracy.md").read_text()
     assert "| model | RTS ours / paper |" in markdown and "/ 0.8 |" in markdown
-    assert report["settings"]["redraw"] is True
     rotation = report["runs"]["r/st_cnn_affine"]["rotation"]
-    assert -1.5 < rotation["slope"] < 1.5 and "turns digits back by" in markdown
+    assert -1.5 < rotation["slope"] < 1.5 and 0 <= rotation["upright_share"] <= 1
+    assert "of the digits back to within 15 degrees of upright" in markdown
     assert "rts" in done.stdout and "st_cnn_affine" in done.stdout
     for variant in ("rts", "r"):
         for picture in ("rectification", "sampling_grid", "training_curves"):

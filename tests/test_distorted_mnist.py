@@ -159,6 +159,29 @@ def test_r_turned_back_with_pillow_matches_the_source(source):
     assert np.median(wrong_way) < 0.5  # the check above can fail: direction matters
 
 
+def test_r_max_angle_turns_the_same_digits_the_same_way_less_far(source):
+    def split(**kwargs):
+        return dm.make_split("r", 2, seed=6, split="eval", per_class=3, **kwargs)
+
+    full, narrow, upright = split(), split(max_angle=30), split(max_angle=0)
+    default_angle = split(max_angle=90)
+    assert np.array_equal(default_angle[0], full[0]) and default_angle[2] == full[2]
+    assert np.array_equal(narrow[1], full[1])
+    rows = [r["source_index"] for r in full[2]]
+    assert [r["source_index"] for r in narrow[2]] == rows
+    wide_angles = np.array([r["params"]["angle_deg"] for r in full[2]])
+    narrow_angles = np.array([r["params"]["angle_deg"] for r in narrow[2]])
+    assert np.abs(wide_angles).max() > 60 and np.abs(narrow_angles).max() <= 30
+    assert narrow_angles == pytest.approx(wide_angles / 3, abs=0.01)  # both rounded to 0.01
+    assert np.array_equal(upright[0], np.stack([centred(source[0][i], 42) for i in rows]))
+
+
+@pytest.mark.parametrize("max_angle", [-1, 90.5, "45", None])
+def test_make_split_rejects_a_bad_max_angle(max_angle):
+    with pytest.raises(ValueError, match="max_angle"):
+        dm.make_split("r", 1, seed=1, split="eval", per_class=1, max_angle=max_angle)
+
+
 def pillow_perspective_coefficients(quad, canvas):
     """PIL's 8 PERSPECTIVE coefficients (canvas -> source), from the null space of the DLT
     system (SVD), in PIL's coordinates where pixel i spans [i, i + 1)."""
