@@ -29,10 +29,10 @@ thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds
 with the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds
 per distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
 process. `--small` takes 1 to 2 minutes. With `--redraw` (native sampler) a model's fit costs
-about 75 CPU seconds per epoch for the CNN and 50 for each ST-CNN on an idle core (15 epochs:
-CNN 1,100, ST-CNN 730-850 while sharing the cores); drawing the distortions takes about 7 s per
-epoch and distortion. The longer recipe above, on three models, takes about 1 h 45 min with
-`--jobs 2` on an idle 2-core machine.
+about 75 CPU seconds per epoch for the CNN and 50 for each ST-CNN on an idle core (15 epochs,
+sharing the cores: CNN 1,110-1,140, each ST-CNN 690-920); drawing the distortions takes about
+7 s per epoch and distortion. The longer recipe above fits for 10,700 CPU seconds in all,
+about 1.5 hours with `--jobs 2` on an idle 2-core machine.
 """
 
 import argparse
