@@ -141,7 +141,9 @@ def make_split(
     The same arguments give the same arrays.
     """
     check_split_args(variant, copies, canvas, seed, per_class)
-    if not isinstance(max_angle, (int, float, np.number)) or not 0 <= max_angle <= R_MAX_ANGLE:
+    if isinstance(max_angle, bool) or not isinstance(max_angle, (int, float, np.number)):
+        raise ValueError(f"max_angle must be a number of degrees, got {max_angle!r}")
+    if not 0 <= max_angle <= R_MAX_ANGLE:
         raise ValueError(f"max_angle must be 0 to {R_MAX_ANGLE:g} degrees, got {max_angle!r}")
     digits, labels = load_source()
     rows = np.tile(source_indices(split, per_class), copies)

@@ -176,7 +176,7 @@ def test_r_max_angle_turns_the_same_digits_the_same_way_less_far(source):
     assert np.array_equal(upright[0], np.stack([centred(source[0][i], 42) for i in rows]))
 
 
-@pytest.mark.parametrize("max_angle", [-1, 90.5, "45", None])
+@pytest.mark.parametrize("max_angle", [-1, 90.5, "45", None, True])
 def test_make_split_rejects_a_bad_max_angle(max_angle):
     with pytest.raises(ValueError, match="max_angle"):
         dm.make_split("r", 1, seed=1, split="eval", per_class=1, max_angle=max_angle)
