@@ -178,7 +178,7 @@ def training_draws(variant, args):
             seed=args.seed * 1000 + epoch,
             split="train",
             per_class=args.per_class,
-            **({"max_angle": max_angle(epoch, args)} if variant == "r" else {}),
+            max_angle=max_angle(epoch, args),  # only R images turn
         )
         return images, labels
 
