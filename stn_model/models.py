@@ -30,7 +30,9 @@ networks) reproduce them:
 Our choice, not the paper's: the transformer of an ST model writes a `st_output_size`
 (default 28 x 28) image, whatever the input size. On the 42 x 42 RTS canvas the classifier
 then sees a 28 x 28 rectified crop, which is cheaper and more accurate than the CNN on the
-whole canvas (measured: /work/shared/STACK.md, last section).
+whole canvas (measured: /work/shared/STACK.md, last section). An option, off by default:
+`full_resolution_localization=True` drops the CNN localization net's first max-pool (on
+elastic digits it gave fewer errors: benchmarks/results/full_resolution_localization/).
 
 For a trained ST model, `rectifier(model)` gives the sub-model images -> rectified image (what
 the classifier sees; the trainer exports it as the `rectify` signature), and
@@ -72,11 +74,16 @@ def fcn_classifier(num_classes):
     ]
 
 
-def cnn_localization(name="localization"):
-    """pool 2 - conv 5x5x20 - pool 2 - conv 5x5x20 - pool 2 (paper, App. A.1); no head."""
+def cnn_localization(name="localization", full_resolution=False):
+    """pool 2 - conv 5x5x20 - pool 2 - conv 5x5x20 - pool 2 (paper, App. A.1); no head.
+
+    full_resolution=True drops the first pool: the convolutions see the input at full
+    resolution, for about 4 times the localization net's compute.
+    """
+    first_pool = [] if full_resolution else [keras.layers.MaxPool2D(2)]
     return keras.Sequential(
         [
-            keras.layers.MaxPool2D(2),
+            *first_pool,
             keras.layers.Conv2D(20, 5, padding="same", activation="relu"),
             keras.layers.MaxPool2D(2),
             keras.layers.Conv2D(20, 5, padding="same", activation="relu"),
@@ -110,6 +117,7 @@ def build_model(
     num_classes=10,
     st_output_size=(28, 28),
     tps_grid_size=4,
+    full_resolution_localization=False,
 ):
     """One of the paper's models (see the module docstring), uncompiled.
 
@@ -117,6 +125,8 @@ def build_model(
     num_classes: the width of the softmax output.
     st_output_size: (height, width) the spatial transformer of an ST model writes.
     tps_grid_size: K of the K x K control points of `st_cnn_tps`.
+    full_resolution_localization: an ST-CNN's localization net without its first 2x2 pool
+      (see `cnn_localization`); ignored by the other models.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
@@ -127,7 +137,11 @@ def build_model(
     images = keras.Input(input_shape, name="images")
     features = images
     if name in _ST_CNN_TRANSFORMS or name == "st_fcn":
-        localization = fcn_localization() if name == "st_fcn" else cnn_localization()
+        localization = (
+            fcn_localization()
+            if name == "st_fcn"
+            else cnn_localization(full_resolution=full_resolution_localization)
+        )
         transformer = SpatialTransformer(
             localization,
             st_output_size,

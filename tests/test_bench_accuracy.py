@@ -26,6 +26,24 @@ def test_small_preset_and_overrides():
     full = bench_accuracy.parse_args(["--variants", "rts", "p"])
     assert (full.epochs, full.copies, full.per_class) == (5, 8, None)
     assert full.variants == ["rts", "p"] and len(full.models) == 6
+    assert not full.full_resolution_localization
+
+
+def test_full_resolution_localization_reaches_the_trained_model():
+    from stn_model.models import find_spatial_transformer
+
+    args = bench_accuracy.parse_args(["--small", "--full-resolution-localization"])
+    images = np.random.default_rng(0).random((16, 42, 42, 1), dtype=np.float32)
+    labels = np.arange(16) % 10
+    model, history, _, _ = bench_accuracy.train(
+        "st_cnn_affine",
+        lambda: {"x": images, "y": labels, "batch_size": 8},
+        len(labels),
+        (images, labels),
+        args,
+    )
+    assert find_spatial_transformer(model).head.kernel.shape == (2000, 6)
+    assert len(history["loss"]) == args.epochs == 1
 
 
 @pytest.mark.parametrize(

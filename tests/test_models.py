@@ -76,6 +76,21 @@ def test_st_cnn_has_the_documented_sizes(name, transform, head_units):
     assert model.get_layer("probabilities").kernel.shape == (128, 10)
 
 
+def test_full_resolution_localization_drops_only_the_first_pool():
+    model = build_model("st_cnn_tps", full_resolution_localization=True)
+    transformer = find_spatial_transformer(model)
+    localization = transformer.localization_net.layers
+    assert isinstance(localization[0], keras.layers.Conv2D)
+    assert conv_kernels(localization) == [(5, 5, 1, 20), (5, 5, 20, 20)]
+    # 42 -> conv (same) -> pool 21 -> conv (same) -> pool 10: 10 * 10 * 20 features.
+    assert transformer.head.kernel.shape == (2000, 32)
+    assert model.get_layer("probabilities").kernel.shape == (128, 10)
+    # Models without a CNN localization net do not change.
+    for name in ("cnn", "st_fcn"):
+        built = build_model(name, full_resolution_localization=True)
+        assert built.count_params() == build_model(name).count_params()
+
+
 def test_fcn_and_st_fcn_have_the_documented_sizes():
     assert dense_units(build_model("fcn").layers) == [128, 128, 128, 10]
     model = build_model("st_fcn")
