@@ -11,7 +11,8 @@ distortion sees the same draws), so the models cannot learn the training images 
 digits by at most 90 * (e + 1) / (N + 1) degrees), so that the transformer first learns to
 turn small angles back, where the classification loss tells it which way to turn.
 `--full-resolution-localization` lets the ST-CNNs' localization nets see the input at full
-resolution (without their first 2x2 pool).
+resolution (without their first 2x2 pool); `--st-iterations N` lets the affine and projective
+transformers correct their transform N - 1 times (Lin & Lucey 2017; the TPS one stays at 1).
 It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
@@ -109,6 +110,13 @@ def parse_args(argv=None):
         help="ST-CNN localization nets without their first 2x2 pool (models.cnn_localization)",
     )
     parser.add_argument(
+        "--st-iterations",
+        type=int,
+        default=1,
+        metavar="N",
+        help="passes of the affine and projective transformers (models.build_model)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -120,7 +128,7 @@ def parse_args(argv=None):
     for name in ("epochs", "copies", "per_class", "models", "variants"):
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
-    for name in ("epochs", "copies", "batch_size", "jobs"):
+    for name in ("epochs", "copies", "batch_size", "jobs", "st_iterations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.rotation_warmup < args.epochs:
@@ -224,6 +232,7 @@ def train(name, fit_input, train_images, evaluation, args):
         input_shape=eval_x.shape[1:],
         num_classes=10,
         full_resolution_localization=args.full_resolution_localization,
+        st_iterations=1 if name == "st_cnn_tps" else args.st_iterations,
     )
     steps = args.epochs * int(np.ceil(train_images / args.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, steps)
@@ -389,6 +398,7 @@ def write_reports(results, args, command):
             "redraw",
             "rotation_warmup",
             "full_resolution_localization",
+            "st_iterations",
             "per_class",
             "batch_size",
             "learning_rate",

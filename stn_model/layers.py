@@ -6,6 +6,13 @@ sampling point in the input, and a sampler that reads the input bilinearly at th
 This layer takes the localization network's feature extractor from the caller and adds the
 regression head itself, started at the identity transform (zero kernel, identity bias, the
 paper's advice), so any Keras layer or model that maps images to features can be passed in.
+
+With `iterations=N > 1` (affine and projective transforms) the layer refines its transform
+the inverse compositional way of Lin & Lucey 2017 ("Inverse Compositional Spatial
+Transformer Networks", arXiv 1612.03897): it warps the input with the transform found so far,
+runs the same localization net and head on the warped image, and composes the correction it
+predicts with the transform, N times in all. Every warp reads the original input, so the
+image is resampled once per pass, never a resampled image again.
 """
 
 import numpy as np
@@ -22,6 +29,7 @@ from stn_model.grids import (
 from stn_model.sampling import PADDING_MODES, bilinear_sample
 
 TRANSFORMS = ("affine", "projective", "tps")
+COMPOSABLE_TRANSFORMS = ("affine", "projective")  # the ones `iterations > 1` supports
 
 
 def identity_parameters(transform, tps_grid_size=4):
@@ -43,6 +51,29 @@ def identity_parameters(transform, tps_grid_size=4):
 _GRID_GENERATORS = {"affine": affine_grid, "projective": projective_grid, "tps": tps_grid}
 
 
+def compose_parameters(outer, inner, transform):
+    """The flat parameters [B, P] of the transform `outer` after `inner` (affine, projective).
+
+    A grid point u goes to outer(inner(u)): with homogeneous matrices, M = M_outer @ M_inner,
+    the projective one rescaled so that its last entry is 1 again.
+    """
+    if transform not in COMPOSABLE_TRANSFORMS:
+        raise ValueError(f"transform must be one of {COMPOSABLE_TRANSFORMS}, got {transform!r}")
+    composed = tf.matmul(_homogeneous(outer, transform), _homogeneous(inner, transform))
+    flat = tf.reshape(composed, [-1, 9])
+    if transform == "affine":
+        return flat[:, :6]
+    return flat[:, :8] / flat[:, 8:]
+
+
+def _homogeneous(parameters, transform):
+    """Flat parameters [B, 6 or 8] -> 3 x 3 matrices [B, 3, 3]."""
+    batch = tf.shape(parameters)[0]
+    last = [0.0, 0.0, 1.0] if transform == "affine" else [1.0]
+    tail = tf.tile(tf.constant([last], dtype=parameters.dtype), [batch, 1])
+    return tf.reshape(tf.concat([parameters, tail], axis=1), [-1, 3, 3])
+
+
 @keras.saving.register_keras_serializable(package="stn_model")
 class SpatialTransformer(keras.layers.Layer):
     """Warps its input images [B, H, W, C] to [B, out_h, out_w, C] with a learned transform.
@@ -61,6 +92,8 @@ class SpatialTransformer(keras.layers.Layer):
       align_corners: the sampling convention of PyTorch's `F.grid_sample`. With the default
         False, the identity transform and output_size equal to the input size return the
         input exactly.
+      iterations: passes of the localization net (the module docstring); more than 1 needs an
+        affine or projective transform and inputs of a fixed height and width.
 
     Under mixed precision the localization net runs in the compute dtype, the head and the
     grid in float32 (small errors in the transform move every pixel), and the sampling in
@@ -78,6 +111,7 @@ class SpatialTransformer(keras.layers.Layer):
         tps_grid_size=4,
         padding_mode="zeros",
         align_corners=False,
+        iterations=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -92,12 +126,19 @@ class SpatialTransformer(keras.layers.Layer):
             raise ValueError(f"tps_grid_size must be an integer >= 2, got {tps_grid_size!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        if iterations > 1 and transform not in COMPOSABLE_TRANSFORMS:
+            raise ValueError(
+                f"iterations > 1 needs a transform of {COMPOSABLE_TRANSFORMS}, got {transform!r}"
+            )
         self.localization_net = localization_net
         self.output_size = check_size(output_size)
         self.transform = transform
         self.tps_grid_size = tps_grid_size
         self.padding_mode = padding_mode
         self.align_corners = bool(align_corners)
+        self.iterations = iterations
         identity = identity_parameters(transform, tps_grid_size)
         self.flatten = keras.layers.Flatten(name="features")
         self.head = keras.layers.Dense(
@@ -108,6 +149,16 @@ class SpatialTransformer(keras.layers.Layer):
             name="transform_head",
         )
         self.input_spec = keras.layers.InputSpec(ndim=4)
+        self.input_size = None
+
+    def build(self, input_shape):
+        height, width = tf.TensorShape(input_shape)[1:3]
+        if self.iterations > 1 and None in (height, width):
+            raise ValueError(
+                f"iterations > 1 needs inputs of a fixed height and width, got {input_shape}"
+            )
+        self.input_size = (height, width)
+        super().build(input_shape)
 
     def transform_parameters(self, images, training=None):
         """The flat transform parameters [B, P] (float32) the head predicts for `images`."""
@@ -123,16 +174,25 @@ class SpatialTransformer(keras.layers.Layer):
         """
         images = tf.cast(images, self.compute_dtype)
         parameters = self.transform_parameters(images, training=training)
+        for _ in range(self.iterations - 1):
+            warped, _ = self._warp(images, parameters, self.input_size)
+            correction = self.transform_parameters(warped, training=training)
+            parameters = compose_parameters(parameters, correction, self.transform)
+        rectified, grid = self._warp(images, parameters, self.output_size)
+        return rectified, parameters, grid
+
+    def _warp(self, images, parameters, size):
+        """(images sampled on the transform's grid of `size`, that grid)."""
         generate = _GRID_GENERATORS[self.transform]
-        grid = generate(parameters, self.output_size, align_corners=self.align_corners)
+        grid = generate(parameters, size, align_corners=self.align_corners)
         # The grid stays float32: float16 would round coordinates (1/8 px steps at 224 px).
-        rectified = bilinear_sample(
+        warped = bilinear_sample(
             images,
             grid,
             padding_mode=self.padding_mode,
             align_corners=self.align_corners,
         )
-        return rectified, parameters, grid
+        return warped, grid
 
     def call(self, inputs, training=None):
         return self.rectify(inputs, training=training)[0]
@@ -150,6 +210,7 @@ class SpatialTransformer(keras.layers.Layer):
             tps_grid_size=self.tps_grid_size,
             padding_mode=self.padding_mode,
             align_corners=self.align_corners,
+            iterations=self.iterations,
         )
         return config
 

@@ -33,6 +33,9 @@ then sees a 28 x 28 rectified crop, which is cheaper and more accurate than the 
 whole canvas (measured: /work/shared/STACK.md, last section). An option, off by default:
 `full_resolution_localization=True` drops the CNN localization net's first max-pool (on
 elastic digits it gave fewer errors: benchmarks/results/full_resolution_localization/).
+Another, also off by default: `st_iterations=N` runs the affine or projective transformer's
+localization net N times, each pass correcting the transform found so far (Lin & Lucey 2017;
+`SpatialTransformer`'s `iterations`).
 
 For a trained ST model, `rectifier(model)` gives the sub-model images -> rectified image (what
 the classifier sees; the trainer exports it as the `rectify` signature), and
@@ -118,6 +121,7 @@ def build_model(
     st_output_size=(28, 28),
     tps_grid_size=4,
     full_resolution_localization=False,
+    st_iterations=1,
 ):
     """One of the paper's models (see the module docstring), uncompiled.
 
@@ -127,6 +131,8 @@ def build_model(
     tps_grid_size: K of the K x K control points of `st_cnn_tps`.
     full_resolution_localization: an ST-CNN's localization net without its first 2x2 pool
       (see `cnn_localization`); ignored by the other models.
+    st_iterations: passes of the affine or projective transformer (`SpatialTransformer`'s
+      `iterations`); must be 1 for `st_cnn_tps`, ignored by the models without a transformer.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
@@ -147,6 +153,7 @@ def build_model(
             st_output_size,
             transform=_ST_CNN_TRANSFORMS.get(name, "affine"),
             tps_grid_size=tps_grid_size,
+            iterations=st_iterations,
             name="spatial_transformer",
         )
         features = transformer(images)

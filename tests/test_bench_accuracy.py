@@ -29,20 +29,30 @@ def test_small_preset_and_overrides():
     assert not full.full_resolution_localization
 
 
-def test_full_resolution_localization_reaches_the_trained_model():
+@pytest.mark.parametrize(
+    ("option", "name", "features", "iterations"),
+    [
+        (["--full-resolution-localization"], "st_cnn_affine", 2000, 1),
+        (["--st-iterations", "2"], "st_cnn_affine", 500, 2),
+        (["--st-iterations", "2"], "st_cnn_tps", 500, 1),  # TPS does not compose
+    ],
+)
+def test_transformer_options_reach_the_trained_model(option, name, features, iterations):
     from stn_model.models import find_spatial_transformer
 
-    args = bench_accuracy.parse_args(["--small", "--full-resolution-localization"])
+    args = bench_accuracy.parse_args(["--small", *option])
     images = np.random.default_rng(0).random((16, 42, 42, 1), dtype=np.float32)
     labels = np.arange(16) % 10
     model, history, _, _ = bench_accuracy.train(
-        "st_cnn_affine",
+        name,
         lambda: {"x": images, "y": labels, "batch_size": 8},
         len(labels),
         (images, labels),
         args,
     )
-    assert find_spatial_transformer(model).head.kernel.shape == (2000, 6)
+    transformer = find_spatial_transformer(model)
+    assert transformer.head.kernel.shape[0] == features
+    assert transformer.iterations == iterations
     assert len(history["loss"]) == args.epochs == 1
 
 
@@ -53,6 +63,7 @@ def test_full_resolution_localization_reaches_the_trained_model():
         ["--copies", "-1"],
         ["--models", "vgg"],
         ["--jobs", "0"],
+        ["--st-iterations", "0"],
         ["--rotation-warmup", "2"],  # without --redraw
         ["--rotation-warmup", "5", "--redraw", "--epochs", "5"],  # no full-angle epoch left
     ],

@@ -8,7 +8,7 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 
 from stn_model import SpatialTransformer, affine_grid, bilinear_sample
-from stn_model.grids import tps_control_points
+from stn_model.grids import projective_grid, tps_control_points
 from stn_model.layers import TRANSFORMS, identity_parameters
 
 RNG = np.random.default_rng(0)
@@ -156,6 +156,78 @@ def test_saved_model_serves_without_the_layer_class(tmp_path):
     np.testing.assert_allclose(output.numpy(), model(x).numpy(), atol=1e-6)
 
 
+def as_matrix(parameters, transform):
+    """Flat affine (6) or projective (8) parameters -> 3 x 3 NumPy matrix."""
+    last = [0, 0, 1] if transform == "affine" else [1]
+    return np.append(np.asarray(parameters, np.float64), last).reshape(3, 3)
+
+
+@pytest.mark.parametrize(
+    ("transform", "parameters"),
+    [
+        ("affine", [0.9, -0.3, 0.1, 0.25, 0.8, -0.05]),
+        ("projective", [0.9, -0.3, 0.1, 0.25, 0.8, -0.05, 0.1, -0.2]),
+    ],
+)
+def test_iterations_compose_the_transform_with_itself_for_a_constant_head(transform, parameters):
+    # A zero-kernel head predicts the same transform on every pass: three passes give M @ M @ M.
+    layer = SpatialTransformer(small_localization(), (9, 7), transform=transform, iterations=3)
+    x = images()
+    layer(x)
+    kernel, _ = layer.head.get_weights()
+    layer.head.set_weights([kernel, np.float32(parameters)])
+    matrix = np.linalg.matrix_power(as_matrix(parameters, transform), 3)
+    expected = (matrix / matrix[2, 2]).ravel()[: len(parameters)]
+    rectified, composed, grid = layer.rectify(x)
+    np.testing.assert_allclose(composed.numpy(), np.tile(expected, (3, 1)), atol=1e-5)
+    generate = affine_grid if transform == "affine" else projective_grid
+    expected_grid = generate(np.tile(np.float32(expected), (3, 1)), (9, 7)).numpy()
+    np.testing.assert_allclose(grid.numpy(), expected_grid, atol=1e-5)
+    np.testing.assert_allclose(
+        rectified.numpy(), bilinear_sample(x, expected_grid).numpy(), atol=1e-5
+    )
+
+
+def test_each_iteration_looks_at_the_input_warped_by_the_transform_so_far():
+    layer = SpatialTransformer(small_localization(), (6, 5), iterations=2)
+    x = images()
+    layer(x)
+    perturb_head(layer, scale=0.5)
+    first = layer.transform_parameters(x).numpy()
+    warped = bilinear_sample(x, affine_grid(first, (12, 10)))
+    second = layer.transform_parameters(warped).numpy()
+    expected = [
+        (as_matrix(a, "affine") @ as_matrix(b, "affine")).ravel()[:6]
+        for a, b in zip(first, second, strict=True)
+    ]
+    assert np.abs(second - identity_parameters("affine")).max() > 1e-2  # a real correction
+    np.testing.assert_allclose(layer.rectify(x)[1].numpy(), expected, atol=1e-5)
+
+
+def test_iterations_survive_config_and_saving(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((12, 10, 2)),
+            SpatialTransformer(small_localization(), (8, 8), iterations=2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    perturb_head(model.layers[0])
+    assert SpatialTransformer.from_config(model.layers[0].get_config()).iterations == 2
+    x = images()
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    assert reloaded.layers[0].iterations == 2
+    np.testing.assert_array_equal(reloaded(x).numpy(), model(x).numpy())
+
+
+def test_iterations_need_a_fixed_input_size():
+    layer = SpatialTransformer(small_localization(), (4, 4), iterations=2)
+    with pytest.raises(ValueError, match="fixed height and width"):
+        layer(keras.Input((None, None, 1)))
+
+
 @pytest.fixture
 def mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -190,6 +262,9 @@ def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
         ({"padding_mode": "reflect"}, "padding_mode must be one of"),
         ({"transform": "tps", "tps_grid_size": 1}, "tps_grid_size must be"),
         ({"localization_net": np.zeros(3)}, "localization_net must be a Keras layer"),
+        ({"iterations": 0}, "iterations must be an integer >= 1"),
+        ({"iterations": True}, "iterations must be an integer >= 1"),
+        ({"transform": "tps", "iterations": 2}, "iterations > 1 needs a transform of"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

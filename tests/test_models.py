@@ -101,6 +101,15 @@ def test_fcn_and_st_fcn_have_the_documented_sizes():
     assert model.layers[-4].kernel.shape == (28 * 28, 128)
 
 
+def test_st_iterations_reach_the_transformer():
+    once = build_model("st_cnn_projective")
+    twice = build_model("st_cnn_projective", st_iterations=2)
+    assert find_spatial_transformer(twice).iterations == 2
+    assert twice.count_params() == once.count_params()  # the passes share their weights
+    with pytest.raises(ValueError, match="iterations > 1 needs a transform"):
+        build_model("st_cnn_tps", st_iterations=2)
+
+
 def test_tps_grid_size_sets_the_head():
     model = build_model("st_cnn_tps", tps_grid_size=3)
     assert find_spatial_transformer(model).head.units == 18
