@@ -36,7 +36,8 @@ about 75 CPU seconds per epoch for the CNN and 50 for each ST-CNN on an idle cor
 sharing the cores: CNN 1,110-1,140, each ST-CNN 690-920); drawing the distortions takes about
 7 s per epoch and distortion. The longer recipe above fits for 10,700 CPU seconds in all,
 about 1.5 hours with `--jobs 2` on an idle 2-core machine. `--full-resolution-localization`
-doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds).
+doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds);
+`--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU seconds).
 """
 
 import argparse
