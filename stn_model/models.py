@@ -35,7 +35,9 @@ whole canvas (measured: /work/shared/STACK.md, last section). An option, off by 
 elastic digits it gave fewer errors: benchmarks/results/full_resolution_localization/).
 Another, also off by default: `st_iterations=N` runs the affine or projective transformer's
 localization net N times, each pass correcting the transform found so far (Lin & Lucey 2017;
-`SpatialTransformer`'s `iterations`).
+`SpatialTransformer`'s `iterations`). And `localization_hidden_units=N` ends the CNN
+localization net with a fully connected layer of N units; with the other two options it gave
+R's lowest error (benchmarks/results/two_pass_full_resolution_hidden/).
 
 For a trained ST model, `rectifier(model)` gives the sub-model images -> rectified image (what
 the classifier sees; the trainer exports it as the `rectify` signature), and
@@ -77,13 +79,20 @@ def fcn_classifier(num_classes):
     ]
 
 
-def cnn_localization(name="localization", full_resolution=False):
+def cnn_localization(name="localization", full_resolution=False, hidden_units=None):
     """pool 2 - conv 5x5x20 - pool 2 - conv 5x5x20 - pool 2 (paper, App. A.1); no head.
 
     full_resolution=True drops the first pool: the convolutions see the input at full
     resolution, for about 4 times the localization net's compute.
+    hidden_units=N ends the net with a fully connected ReLU layer of N units, so the
+    transformer's regression head reads N learned features instead of the pooled maps.
     """
     first_pool = [] if full_resolution else [keras.layers.MaxPool2D(2)]
+    hidden = (
+        []
+        if hidden_units is None
+        else [keras.layers.Flatten(), keras.layers.Dense(hidden_units, activation="relu")]
+    )
     return keras.Sequential(
         [
             *first_pool,
@@ -91,6 +100,7 @@ def cnn_localization(name="localization", full_resolution=False):
             keras.layers.MaxPool2D(2),
             keras.layers.Conv2D(20, 5, padding="same", activation="relu"),
             keras.layers.MaxPool2D(2),
+            *hidden,
         ],
         name=name,
     )
@@ -121,6 +131,7 @@ def build_model(
     st_output_size=(28, 28),
     tps_grid_size=4,
     full_resolution_localization=False,
+    localization_hidden_units=None,
     st_iterations=1,
 ):
     """One of the paper's models (see the module docstring), uncompiled.
@@ -131,6 +142,8 @@ def build_model(
     tps_grid_size: K of the K x K control points of `st_cnn_tps`.
     full_resolution_localization: an ST-CNN's localization net without its first 2x2 pool
       (see `cnn_localization`); ignored by the other models.
+    localization_hidden_units: None, or the units of a fully connected ReLU layer at the end
+      of an ST-CNN's localization net (see `cnn_localization`); ignored by the other models.
     st_iterations: passes of the affine or projective transformer (`SpatialTransformer`'s
       `iterations`); must be 1 for `st_cnn_tps`, ignored by the models without a transformer.
     """
@@ -140,13 +153,25 @@ def build_model(
     st_output_size = _positive_ints(st_output_size, "st_output_size", 2)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if localization_hidden_units is not None and (
+        isinstance(localization_hidden_units, bool)
+        or not isinstance(localization_hidden_units, int)
+        or localization_hidden_units < 1
+    ):
+        raise ValueError(
+            "localization_hidden_units must be None or an integer >= 1, "
+            f"got {localization_hidden_units!r}"
+        )
     images = keras.Input(input_shape, name="images")
     features = images
     if name in _ST_CNN_TRANSFORMS or name == "st_fcn":
         localization = (
             fcn_localization()
             if name == "st_fcn"
-            else cnn_localization(full_resolution=full_resolution_localization)
+            else cnn_localization(
+                full_resolution=full_resolution_localization,
+                hidden_units=localization_hidden_units,
+            )
         )
         transformer = SpatialTransformer(
             localization,

@@ -33,6 +33,7 @@ def test_small_preset_and_overrides():
     ("option", "name", "features", "iterations"),
     [
         (["--full-resolution-localization"], "st_cnn_affine", 2000, 1),
+        (["--localization-hidden-units", "50"], "st_cnn_affine", 50, 1),
         (["--st-iterations", "2"], "st_cnn_affine", 500, 2),
         (["--st-iterations", "2"], "st_cnn_tps", 500, 1),  # TPS does not compose
     ],
@@ -64,6 +65,8 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--models", "vgg"],
         ["--jobs", "0"],
         ["--st-iterations", "0"],
+        ["--localization-hidden-units", "0"],
+        ["--per-class", "0"],
         ["--rotation-warmup", "2"],  # without --redraw
         ["--rotation-warmup", "5", "--redraw", "--epochs", "5"],  # no full-angle epoch left
     ],

@@ -91,6 +91,23 @@ def test_full_resolution_localization_drops_only_the_first_pool():
         assert built.count_params() == build_model(name).count_params()
 
 
+def test_localization_hidden_units_end_the_localization_net():
+    model = build_model("st_cnn_affine", localization_hidden_units=50)
+    transformer = find_spatial_transformer(model)
+    localization = transformer.localization_net.layers
+    assert conv_kernels(localization) == [(5, 5, 1, 20), (5, 5, 20, 20)]
+    assert dense_units(localization) == [50]
+    assert localization[-1].kernel.shape == (500, 50)  # the pooled 5 * 5 * 20 maps
+    assert transformer.head.kernel.shape == (50, 6)
+    # Models without a CNN localization net do not change.
+    for name in ("cnn", "st_fcn"):
+        built = build_model(name, localization_hidden_units=50)
+        assert built.count_params() == build_model(name).count_params()
+    for bad in (0, -3, 2.5, True, "50"):
+        with pytest.raises(ValueError, match="localization_hidden_units"):
+            build_model("st_cnn_affine", localization_hidden_units=bad)
+
+
 def test_fcn_and_st_fcn_have_the_documented_sizes():
     assert dense_units(build_model("fcn").layers) == [128, 128, 128, 10]
     model = build_model("st_fcn")
