@@ -11,16 +11,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-
-def check_size(value, name="output_size"):
-    """(height, width) as positive ints; ValueError naming `name` otherwise."""
-    try:
-        height, width = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be (height, width), got {value!r}") from None
-    if height <= 0 or width <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return height, width
+from stn_model.checks import check_size
 
 
 def _steps(n, align_corners):

@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from stn_model.checks import check_int, check_size
 from stn_model.grids import (
     affine_grid,
-    check_size,
     projective_grid,
     tps_control_points,
     tps_grid,
@@ -122,12 +122,10 @@ class SpatialTransformer(keras.layers.Layer):
             )
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-        if not isinstance(tps_grid_size, int) or tps_grid_size < 2:
-            raise ValueError(f"tps_grid_size must be an integer >= 2, got {tps_grid_size!r}")
+        check_int(tps_grid_size, "tps_grid_size", minimum=2)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+        check_int(iterations, "iterations")
         if iterations > 1 and transform not in COMPOSABLE_TRANSFORMS:
             raise ValueError(
                 f"iterations > 1 needs a transform of {COMPOSABLE_TRANSFORMS}, got {transform!r}"

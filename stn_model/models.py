@@ -47,6 +47,7 @@ sampling grid) for plots.
 
 import tf_keras as keras
 
+from stn_model.checks import check_int, check_positive_ints
 from stn_model.layers import SpatialTransformer
 
 MODEL_NAMES = ("cnn", "st_cnn_affine", "st_cnn_projective", "st_cnn_tps", "fcn", "st_fcn")
@@ -149,19 +150,11 @@ def build_model(
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
-    input_shape = _positive_ints(input_shape, "input_shape", 3)
-    st_output_size = _positive_ints(st_output_size, "st_output_size", 2)
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if localization_hidden_units is not None and (
-        isinstance(localization_hidden_units, bool)
-        or not isinstance(localization_hidden_units, int)
-        or localization_hidden_units < 1
-    ):
-        raise ValueError(
-            "localization_hidden_units must be None or an integer >= 1, "
-            f"got {localization_hidden_units!r}"
-        )
+    input_shape = check_positive_ints(input_shape, "input_shape", 3)
+    st_output_size = check_positive_ints(st_output_size, "st_output_size", 2)
+    check_int(num_classes, "num_classes", minimum=2)
+    if localization_hidden_units is not None:
+        check_int(localization_hidden_units, "localization_hidden_units")
     images = keras.Input(input_shape, name="images")
     features = images
     if name in _ST_CNN_TRANSFORMS or name == "st_fcn":
@@ -196,16 +189,6 @@ def build_model(
     for layer in classifier:
         features = layer(features)
     return keras.Model(images, features, name=name)
-
-
-def _positive_ints(values, argument, length):
-    try:
-        values = tuple(int(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"{argument} must be {length} positive integers, got {values!r}") from None
-    if len(values) != length or min(values) <= 0:
-        raise ValueError(f"{argument} must be {length} positive integers, got {values!r}")
-    return values
 
 
 def find_spatial_transformer(model):

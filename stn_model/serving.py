@@ -14,7 +14,7 @@ float images in [0, 1] of the model's input shape, inside the graph. The exporte
 import tensorflow as tf
 import tf_keras as keras
 
-from stn_model.grids import check_size
+from stn_model.checks import check_size
 from stn_model.sampling import portable_ops
 
 IMAGES_KEY = "images"

@@ -26,6 +26,7 @@ import tf_keras as keras
 
 from components.input_shards import list_files, worker_records
 from stn_model import serving
+from stn_model.checks import check_int
 from stn_model.keras_setup import skip_autograph_of_tf_keras
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ class TrainingOptions:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"custom_config['model'] must be a model name, got {self.model!r}")
         for name in ("epochs", "batch_size", "image_size", "num_classes", "shuffle_buffer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"custom_config[{name!r}] must be an integer >= 1, got {value!r}")
+            check_int(getattr(self, name), f"custom_config[{name!r}]")
         if not isinstance(self.learning_rate, int | float) or not self.learning_rate > 0:
             raise ValueError(
                 f"custom_config['learning_rate'] must be a positive number, "
