@@ -17,6 +17,12 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # The environment takes 3.7 GB (TensorFlow, TFX, Beam); pip needs room for the wheels too.
+  free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ "$free_mb" -lt 5000 ]; then
+    echo "setup: .venv needs about 5,000 MB of free disk, $(pwd) has $free_mb MB" >&2
+    exit 1
+  fi
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
