@@ -38,8 +38,10 @@ sharing the cores: CNN 1,110-1,140, each ST-CNN 690-920); drawing the distortion
 7 s per epoch and distortion. The longer recipe above fits for 10,700 CPU seconds in all,
 about 1.5 hours with `--jobs 2` on an idle 2-core machine. `--full-resolution-localization`
 doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds);
-`--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU seconds); both with
-`--localization-hidden-units 50`, about 4 times (3,070 CPU seconds on R).
+`--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU seconds). Both with
+`--localization-hidden-units 50`: 980-1,170 CPU seconds per ST-CNN against the CNN's 400-450,
+one thread per process and two processes on the 2 cores (3,070 when R shared them with three
+other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way).
 """
 
 import argparse
