@@ -10,6 +10,8 @@ distortion sees the same draws), so the models cannot learn the training images 
 `--rotation-warmup N` then widens R's rotations over the first N epochs (epoch e < N turns
 digits by at most 90 * (e + 1) / (N + 1) degrees), so that the transformer first learns to
 turn small angles back, where the classification loss tells it which way to turn.
+`--max-rotation DEG` narrows R's rotations (training and eval) to +-DEG degrees; with 0 the
+models train and test on upright digits, the best a perfect rectifier could hand the classifier.
 `--full-resolution-localization` lets the ST-CNNs' localization nets see the input at full
 resolution (without their first 2x2 pool); `--localization-hidden-units N` ends them with a
 fully connected layer of N units; `--st-iterations N` lets the affine and projective
@@ -57,6 +59,7 @@ import numpy as np
 from _util import peak_rss_mib, print_table
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from pipeline.distorted_mnist import R_MAX_ANGLE
 
 # isort: split
 import tf_keras as keras
@@ -110,6 +113,13 @@ def parse_args(argv=None):
         help="with --redraw: widen R's rotations to the full +-90 degrees over these epochs",
     )
     parser.add_argument(
+        "--max-rotation",
+        type=float,
+        default=R_MAX_ANGLE,
+        metavar="DEG",
+        help=f"R's widest rotation, train and eval (default {R_MAX_ANGLE:g}; 0: upright digits)",
+    )
+    parser.add_argument(
         "--full-resolution-localization",
         action="store_true",
         help="ST-CNN localization nets without their first 2x2 pool (models.cnn_localization)",
@@ -155,6 +165,8 @@ def parse_args(argv=None):
         parser.error(f"--rotation-warmup must be 0 to epochs - 1, got {args.rotation_warmup}")
     if args.rotation_warmup and not args.redraw:
         parser.error("--rotation-warmup needs --redraw (a new draw every epoch)")
+    if not 0 <= args.max_rotation <= R_MAX_ANGLE:
+        parser.error(f"--max-rotation must be 0 to {R_MAX_ANGLE:g}, got {args.max_rotation:g}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     return args
@@ -166,11 +178,17 @@ def as_inputs(images):
 
 
 def load_split(variant, split, args):
-    """(float32 images [N, 42, 42, 1], labels, records) of `split`, drawn with seed `args.seed`."""
+    """(float32 images [N, 42, 42, 1], labels, records) of `split`, drawn with seed `args.seed`
+    (R images turned by at most `args.max_rotation` degrees)."""
     from pipeline.distorted_mnist import make_split
 
     images, labels, records = make_split(
-        variant, args.copies, seed=args.seed, split=split, per_class=args.per_class
+        variant,
+        args.copies,
+        seed=args.seed,
+        split=split,
+        per_class=args.per_class,
+        max_angle=args.max_rotation,  # only R images turn
     )
     return as_inputs(images), labels, records
 
@@ -220,11 +238,9 @@ def training_draws(variant, args):
 
 
 def max_angle(epoch, args):
-    """The widest R rotation of epoch `epoch`'s draw: 90 * (epoch + 1) / (warmup + 1) degrees
-    during the warm-up, then 90."""
-    from pipeline.distorted_mnist import R_MAX_ANGLE
-
-    return R_MAX_ANGLE * min(1.0, (epoch + 1) / (args.rotation_warmup + 1))
+    """The widest R rotation of epoch `epoch`'s draw: `args.max_rotation` (90 by default) times
+    (epoch + 1) / (warmup + 1) during the warm-up, then `args.max_rotation`."""
+    return args.max_rotation * min(1.0, (epoch + 1) / (args.rotation_warmup + 1))
 
 
 def training_set(variant, args):
@@ -416,6 +432,7 @@ def write_reports(results, args, command):
             "copies",
             "redraw",
             "rotation_warmup",
+            "max_rotation",
             "full_resolution_localization",
             "localization_hidden_units",
             "st_iterations",
@@ -493,7 +510,7 @@ def run_variant(variant, args):
             "peak_rss_mib": peak_rss_mib(),
             "history": history,
         }
-        if variant == "r" and name.startswith("st_cnn"):
+        if variant == "r" and name.startswith("st_cnn") and args.max_rotation > 0:
             result["rotation"] = rotation_recovery(model, eval_x, eval_y, records)
             print(f"== {variant} / {name}: rotation recovery {result['rotation']}", flush=True)
         histories[name] = history

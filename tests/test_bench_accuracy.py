@@ -69,6 +69,9 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--per-class", "0"],
         ["--rotation-warmup", "2"],  # without --redraw
         ["--rotation-warmup", "5", "--redraw", "--epochs", "5"],  # no full-angle epoch left
+        ["--max-rotation", "91"],
+        ["--max-rotation", "-1"],
+        ["--max-rotation", "nan"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
@@ -214,6 +217,24 @@ def test_rotation_warmup_widens_r_draws_to_90_degrees_then_stays():
     # other distortions ignore the warm-up
     rts = bench_accuracy.training_draws("rts", args)(0)[0]
     assert np.array_equal(rts, make_split("rts", 8, seed=1000, split="train", per_class=1)[0])
+
+
+def test_max_rotation_narrows_r_in_training_and_eval_and_leaves_the_rest():
+    argv = ["--redraw", "--rotation-warmup", "1", "--epochs", "3", "--per-class", "2"]
+    args = bench_accuracy.parse_args([*argv, "--max-rotation", "30"])
+    assert [bench_accuracy.max_angle(epoch, args) for epoch in range(3)] == [15, 30, 30]
+    angles = [r["params"]["angle_deg"] for r in bench_accuracy.load_split("r", "eval", args)[2]]
+    assert max(abs(a) for a in angles) <= 30 < 2 * max(abs(a) for a in angles)
+    upright = bench_accuracy.parse_args([*argv, "--max-rotation", "0"])
+    records = bench_accuracy.load_split("r", "eval", upright)[2]
+    assert {r["params"]["angle_deg"] for r in records} == {0}
+    images = bench_accuracy.training_draws("r", upright)(2)[0]  # 8 copies of 20 digits
+    assert len(np.unique(images.reshape(len(images), -1), axis=0)) == 20  # all upright alike
+    default = bench_accuracy.parse_args(argv)
+    assert np.array_equal(
+        bench_accuracy.load_split("rts", "eval", upright)[0],
+        bench_accuracy.load_split("rts", "eval", default)[0],
+    )
 
 
 def test_keras_fit_takes_one_draw_per_epoch_in_order():
