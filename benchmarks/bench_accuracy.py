@@ -110,7 +110,7 @@ def parse_args(argv=None):
         type=int,
         default=0,
         metavar="EPOCHS",
-        help="with --redraw: widen R's rotations to the full +-90 degrees over these epochs",
+        help="with --redraw: widen R's rotations to --max-rotation over these epochs",
     )
     parser.add_argument(
         "--max-rotation",
