@@ -59,7 +59,7 @@ import numpy as np
 from _util import peak_rss_mib, print_table
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline.distorted_mnist import R_MAX_ANGLE
+from pipeline.distorted_mnist import R_MAX_ANGLE, make_split
 
 # isort: split
 import tf_keras as keras
@@ -180,8 +180,6 @@ def as_inputs(images):
 def load_split(variant, split, args):
     """(float32 images [N, 42, 42, 1], labels, records) of `split`, drawn with seed `args.seed`
     (R images turned by at most `args.max_rotation` degrees)."""
-    from pipeline.distorted_mnist import make_split
-
     images, labels, records = make_split(
         variant,
         args.copies,
@@ -220,7 +218,6 @@ class Redraws(keras.utils.Sequence):
 def training_draws(variant, args):
     """A cached function epoch -> (uint8 images, labels): draw e has seed `seed * 1000 + e`
     (and on R, during `args.rotation_warmup`, rotations of at most `max_angle(e, args)`)."""
-    from pipeline.distorted_mnist import make_split
 
     @functools.cache
     def draw(epoch):
