@@ -40,12 +40,16 @@ class KubernetesConfig:
                 raise ValueError(f"kubernetes.{name} must be a non-empty string")
         if not self.mount_path.startswith("/"):
             raise ValueError(f"kubernetes.mount_path must be absolute, got {self.mount_path!r}")
-        if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 0:
+        if not _is_count(self.gpus_per_worker, minimum=0):
             raise ValueError(
-                f"kubernetes.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}"
+                f"kubernetes.gpus_per_worker must be an integer >= 0, got {self.gpus_per_worker!r}"
             )
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"kubernetes.port must be in 1..65535, got {self.port!r}")
+        if not _is_count(self.port, minimum=1) or self.port > 65535:
+            raise ValueError(f"kubernetes.port must be an integer in 1..65535, got {self.port!r}")
+        if not _is_count(self.poll_timeout_s, minimum=1):
+            raise ValueError(
+                f"kubernetes.poll_timeout_s must be an integer >= 1, got {self.poll_timeout_s!r}"
+            )
         if not isinstance(self.node_selector, dict):
             raise ValueError("kubernetes.node_selector must be a mapping of label to value")
         if not isinstance(self.tolerations, list) or not all(
@@ -65,11 +69,11 @@ class MultiWorkerConfig:
     kubernetes: KubernetesConfig | None = None
 
     def __post_init__(self):
-        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+        if not _is_count(self.num_workers, minimum=1):
             raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+        if not _is_count(self.max_restarts, minimum=0):
             raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
         if self.backend == "kubernetes" and self.kubernetes is None:
             raise ValueError("backend 'kubernetes' needs the 'kubernetes' settings")
@@ -87,6 +91,11 @@ class MultiWorkerConfig:
             _reject_unknown(KubernetesConfig, k8s, "multiworker.kubernetes")
             values["kubernetes"] = KubernetesConfig(**k8s)
         return cls(**values)
+
+
+def _is_count(value, minimum):
+    """An int (a YAML `true` is not a count) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _reject_unknown(cls, values: dict[str, Any], where: str) -> None:

@@ -1,5 +1,6 @@
 """The multi-worker trainer: local worker groups, sharding, fault tolerance, Kubernetes objects."""
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -331,6 +332,27 @@ K8S = KubernetesConfig(
     tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
 )
 K8S_CONFIG = MultiWorkerConfig(num_workers=2, backend="kubernetes", max_restarts=3, kubernetes=K8S)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image", "", "kubernetes.image must be a non-empty string"),
+        ("mount_path", "stn_home", "kubernetes.mount_path must be absolute, got 'stn_home'"),
+        ("gpus_per_worker", -1, "kubernetes.gpus_per_worker must be an integer >= 0, got -1"),
+        ("gpus_per_worker", True, "kubernetes.gpus_per_worker must be an integer >= 0, got True"),
+        ("port", "2222", "kubernetes.port must be an integer in 1..65535, got '2222'"),
+        ("port", 70000, "kubernetes.port must be an integer in 1..65535, got 70000"),
+        ("poll_timeout_s", 0, "kubernetes.poll_timeout_s must be an integer >= 1, got 0"),
+        ("tolerations", {"key": "x"}, "kubernetes.tolerations must be a list"),
+    ],
+)
+def test_kubernetes_settings_name_the_bad_field(field, value, message):
+    with pytest.raises(ValueError) as error:
+        dataclasses.replace(K8S, **{field: value})
+    assert str(error.value).startswith(message)
+
+
 SPEC = "/stn_home/pipeline_root/Trainer/model_run/7/multiworker_spec.json"
 
 

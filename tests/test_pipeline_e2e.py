@@ -195,6 +195,13 @@ def test_multiworker_settings_are_checked_when_the_config_loads(tmp_path):
     path.write_text("multiworker: {num_workers: 0}\n")
     with pytest.raises(ValueError, match="'multiworker': num_workers must be an integer >= 1"):
         load_config(str(path))
+    for field, message in (
+        ("num_workers", "num_workers must be an integer >= 1, got True"),
+        ("max_restarts", "max_restarts must be an integer >= 0, got True"),
+    ):
+        path.write_text(f"multiworker: {{{field}: true}}\n")
+        with pytest.raises(ValueError, match=f"'multiworker': {message}"):
+            load_config(str(path))
     with pytest.raises(ValueError, match="'multiworker': backend 'kubernetes' needs"):
         load_config(multiworker={"backend": "kubernetes"})
     with pytest.raises(ValueError, match=r"'multiworker': multiworker\.kubernetes: unknown"):
