@@ -332,6 +332,7 @@ K8S = KubernetesConfig(
     tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
 )
 K8S_CONFIG = MultiWorkerConfig(num_workers=2, backend="kubernetes", max_restarts=3, kubernetes=K8S)
+SPEC = "/stn_home/pipeline_root/Trainer/model_run/7/multiworker_spec.json"
 
 
 @pytest.mark.parametrize(
@@ -351,9 +352,6 @@ def test_kubernetes_settings_name_the_bad_field(field, value, message):
     with pytest.raises(ValueError) as error:
         dataclasses.replace(K8S, **{field: value})
     assert str(error.value).startswith(message)
-
-
-SPEC = "/stn_home/pipeline_root/Trainer/model_run/7/multiworker_spec.json"
 
 
 def test_kubernetes_objects_validate_against_the_kubernetes_1_30_schemas():
