@@ -11,11 +11,14 @@ distortion sees the same draws), so the models cannot learn the training images 
 digits by at most 90 * (e + 1) / (N + 1) degrees), so that the transformer first learns to
 turn small angles back, where the classification loss tells it which way to turn.
 `--max-rotation DEG` narrows R's rotations (training and eval) to +-DEG degrees; with 0 the
-models train and test on upright digits, the best a perfect rectifier could hand the classifier.
+models train and test on upright digits. `--canvas N` draws the digits on an N x N canvas
+(default 42); with `--canvas 28 --max-rotation 0` the CNN reads the 28 x 28 source digits
+themselves, at the size an ST-CNN's transformer writes for its classifier.
 `--full-resolution-localization` lets the ST-CNNs' localization nets see the input at full
 resolution (without their first 2x2 pool); `--localization-hidden-units N` ends them with a
 fully connected layer of N units; `--st-iterations N` lets the affine and projective
-transformers correct their transform N - 1 times (Lin & Lucey 2017; the TPS one stays at 1).
+transformers correct their transform N - 1 times (Lin & Lucey 2017; the TPS one stays at 1);
+`--st-output-size N` makes the ST models' transformers write N x N images (default 28).
 It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
@@ -43,7 +46,9 @@ doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds)
 `--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU seconds). Both with
 `--localization-hidden-units 50`: 980-1,170 CPU seconds per ST-CNN against the CNN's 400-450,
 one thread per process and two processes on the 2 cores (3,070 when R shared them with three
-other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way).
+other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way). All
+three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
+CNN with `--canvas 28`: 130 to 150.
 """
 
 import argparse
@@ -59,7 +64,8 @@ import numpy as np
 from _util import peak_rss_mib, print_table
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline.distorted_mnist import R_MAX_ANGLE, make_split
+from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, make_split
+from stn_model.models import CNN_MIN_SIZE
 
 # isort: split
 import tf_keras as keras
@@ -120,6 +126,13 @@ def parse_args(argv=None):
         help=f"R's widest rotation, train and eval (default {R_MAX_ANGLE:g}; 0: upright digits)",
     )
     parser.add_argument(
+        "--canvas",
+        type=int,
+        default=42,
+        metavar="N",
+        help=f"side of the square images the digits are drawn on (at least {SOURCE_SIZE})",
+    )
+    parser.add_argument(
         "--full-resolution-localization",
         action="store_true",
         help="ST-CNN localization nets without their first 2x2 pool (models.cnn_localization)",
@@ -136,6 +149,13 @@ def parse_args(argv=None):
         default=1,
         metavar="N",
         help="passes of the affine and projective transformers (models.build_model)",
+    )
+    parser.add_argument(
+        "--st-output-size",
+        type=int,
+        default=28,
+        metavar="N",
+        help=f"side of the image the ST models' transformers write (at least {CNN_MIN_SIZE})",
     )
     parser.add_argument(
         "--jobs",
@@ -167,6 +187,10 @@ def parse_args(argv=None):
         parser.error("--rotation-warmup needs --redraw (a new draw every epoch)")
     if not 0 <= args.max_rotation <= R_MAX_ANGLE:
         parser.error(f"--max-rotation must be 0 to {R_MAX_ANGLE:g}, got {args.max_rotation:g}")
+    if args.st_output_size < CNN_MIN_SIZE:
+        parser.error(f"--st-output-size must be at least {CNN_MIN_SIZE}, got {args.st_output_size}")
+    if args.canvas < SOURCE_SIZE:
+        parser.error(f"--canvas must be at least {SOURCE_SIZE}, got {args.canvas}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     return args
@@ -178,11 +202,12 @@ def as_inputs(images):
 
 
 def load_split(variant, split, args):
-    """(float32 images [N, 42, 42, 1], labels, records) of `split`, drawn with seed `args.seed`
-    (R images turned by at most `args.max_rotation` degrees)."""
+    """(float32 images [N, canvas, canvas, 1], labels, records) of `split`, drawn with seed
+    `args.seed` (R images turned by at most `args.max_rotation` degrees)."""
     images, labels, records = make_split(
         variant,
         args.copies,
+        canvas=args.canvas,
         seed=args.seed,
         split=split,
         per_class=args.per_class,
@@ -224,6 +249,7 @@ def training_draws(variant, args):
         images, labels, _ = make_split(
             variant,
             args.copies,
+            canvas=args.canvas,
             seed=args.seed * 1000 + epoch,
             split="train",
             per_class=args.per_class,
@@ -262,6 +288,7 @@ def train(name, fit_input, train_images, evaluation, args):
         name,
         input_shape=eval_x.shape[1:],
         num_classes=10,
+        st_output_size=(args.st_output_size, args.st_output_size),
         full_resolution_localization=args.full_resolution_localization,
         localization_hidden_units=args.localization_hidden_units,
         st_iterations=1 if name == "st_cnn_tps" else args.st_iterations,
@@ -430,9 +457,11 @@ def write_reports(results, args, command):
             "redraw",
             "rotation_warmup",
             "max_rotation",
+            "canvas",
             "full_resolution_localization",
             "localization_hidden_units",
             "st_iterations",
+            "st_output_size",
             "per_class",
             "batch_size",
             "learning_rate",

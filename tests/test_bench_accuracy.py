@@ -30,15 +30,16 @@ def test_small_preset_and_overrides():
 
 
 @pytest.mark.parametrize(
-    ("option", "name", "features", "iterations"),
+    ("option", "name", "features", "iterations", "side"),
     [
-        (["--full-resolution-localization"], "st_cnn_affine", 2000, 1),
-        (["--localization-hidden-units", "50"], "st_cnn_affine", 50, 1),
-        (["--st-iterations", "2"], "st_cnn_affine", 500, 2),
-        (["--st-iterations", "2"], "st_cnn_tps", 500, 1),  # TPS does not compose
+        (["--full-resolution-localization"], "st_cnn_affine", 2000, 1, 28),
+        (["--localization-hidden-units", "50"], "st_cnn_affine", 50, 1, 28),
+        (["--st-iterations", "2"], "st_cnn_affine", 500, 2, 28),
+        (["--st-iterations", "2"], "st_cnn_tps", 500, 1, 28),  # TPS does not compose
+        (["--st-output-size", "42"], "st_cnn_affine", 500, 1, 42),
     ],
 )
-def test_transformer_options_reach_the_trained_model(option, name, features, iterations):
+def test_transformer_options_reach_the_trained_model(option, name, features, iterations, side):
     from stn_model.models import find_spatial_transformer
 
     args = bench_accuracy.parse_args(["--small", *option])
@@ -54,6 +55,10 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
     transformer = find_spatial_transformer(model)
     assert transformer.head.kernel.shape[0] == features
     assert transformer.iterations == iterations
+    assert tuple(transformer.output_size) == (side, side)
+    # 9x9 valid conv, pool 2, 7x7 valid conv, pool 2: 28 -> 20, 10, 4, 2 and 42 -> 34, 17, 11, 5
+    classifier_side = {28: 2, 42: 5}[side]
+    assert model.get_layer("probabilities").kernel.shape[0] == 32 * classifier_side**2
     assert len(history["loss"]) == args.epochs == 1
 
 
@@ -72,6 +77,8 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--max-rotation", "91"],
         ["--max-rotation", "-1"],
         ["--max-rotation", "nan"],
+        ["--canvas", "27"],
+        ["--st-output-size", "23"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
@@ -235,6 +242,23 @@ def test_max_rotation_narrows_r_in_training_and_eval_and_leaves_the_rest():
         bench_accuracy.load_split("rts", "eval", upright)[0],
         bench_accuracy.load_split("rts", "eval", default)[0],
     )
+
+
+def test_canvas_28_upright_hands_the_cnn_the_source_digits_themselves():
+    from pipeline.distorted_mnist import load_source
+
+    argv = ["--max-rotation", "0", "--per-class", "2", "--copies", "2", "--redraw"]
+    small = bench_accuracy.parse_args([*argv, "--canvas", "28"])
+    images, _, records = bench_accuracy.load_split("r", "eval", small)
+    sources = load_source()[0][[r["source_index"] for r in records]]
+    assert images.shape == (40, 28, 28, 1)
+    assert np.array_equal(np.round(images[..., 0] * 255), sources)
+    # the default 42 x 42 canvas holds the same digits with 7 blank pixels on every side
+    wide = bench_accuracy.load_split("r", "eval", bench_accuracy.parse_args(argv))[0]
+    assert np.array_equal(wide[:, 7:35, 7:35], images)
+    assert not wide[:, :7].any() and not wide[:, 35:].any()
+    assert not wide[:, :, :7].any() and not wide[:, :, 35:].any()
+    assert bench_accuracy.training_draws("r", small)(3)[0].shape == (40, 28, 28)
 
 
 def test_keras_fit_takes_one_draw_per_epoch_in_order():
