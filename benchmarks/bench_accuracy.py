@@ -13,7 +13,8 @@ turn small angles back, where the classification loss tells it which way to turn
 `--max-rotation DEG` narrows R's rotations (training and eval) to +-DEG degrees; with 0 the
 models train and test on upright digits. `--canvas N` draws the digits on an N x N canvas
 (default 42); with `--canvas 28 --max-rotation 0` the CNN reads the 28 x 28 source digits
-themselves, at the size an ST-CNN's transformer writes for its classifier.
+themselves, at the size an ST-CNN's transformer writes for its classifier. `--zoom Z` (R only)
+magnifies the digits Z times about their centre, as a transformer that zooms in would.
 `--full-resolution-localization` lets the ST-CNNs' localization nets see the input at full
 resolution (without their first 2x2 pool); `--localization-hidden-units N` ends them with a
 fully connected layer of N units; `--st-iterations N` lets the affine and projective
@@ -48,7 +49,7 @@ doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds)
 one thread per process and two processes on the 2 cores (3,070 when R shared them with three
 other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way). All
 three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
-CNN with `--canvas 28`: 130 to 150.
+CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such runs at a time).
 """
 
 import argparse
@@ -64,7 +65,7 @@ import numpy as np
 from _util import peak_rss_mib, print_table
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, make_split
+from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, load_source, make_split, render
 from stn_model.models import CNN_MIN_SIZE
 
 # isort: split
@@ -133,6 +134,13 @@ def parse_args(argv=None):
         help=f"side of the square images the digits are drawn on (at least {SOURCE_SIZE})",
     )
     parser.add_argument(
+        "--zoom",
+        type=float,
+        default=1.0,
+        metavar="Z",
+        help="magnify R's digits Z times about their centre, train and eval (1 to 2; --variants r)",
+    )
+    parser.add_argument(
         "--full-resolution-localization",
         action="store_true",
         help="ST-CNN localization nets without their first 2x2 pool (models.cnn_localization)",
@@ -191,6 +199,10 @@ def parse_args(argv=None):
         parser.error(f"--st-output-size must be at least {CNN_MIN_SIZE}, got {args.st_output_size}")
     if args.canvas < SOURCE_SIZE:
         parser.error(f"--canvas must be at least {SOURCE_SIZE}, got {args.canvas}")
+    if not 1 <= args.zoom <= 2:
+        parser.error(f"--zoom must be 1 to 2, got {args.zoom:g}")
+    if args.zoom != 1 and list(args.variants) != ["r"]:
+        parser.error(f"--zoom magnifies R digits only; give --variants r, got {args.variants}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     return args
@@ -201,18 +213,38 @@ def as_inputs(images):
     return (images[..., None] / np.float32(255)).astype(np.float32)
 
 
-def load_split(variant, split, args):
-    """(float32 images [N, canvas, canvas, 1], labels, records) of `split`, drawn with seed
-    `args.seed` (R images turned by at most `args.max_rotation` degrees)."""
+def draw_split(variant, split, seed, max_rotation, args):
+    """`make_split` on `args.canvas` with `args.copies` and `args.per_class`, R images turned
+    by at most `max_rotation` degrees and magnified `args.zoom` times: (uint8 images, labels,
+    records)."""
     images, labels, records = make_split(
         variant,
         args.copies,
         canvas=args.canvas,
-        seed=args.seed,
+        seed=seed,
         split=split,
         per_class=args.per_class,
-        max_angle=args.max_rotation,  # only R images turn
+        max_angle=max_rotation,  # only R images turn
     )
+    if args.zoom != 1:
+        images = magnified(records, args.zoom, args.canvas)
+    return images, labels, records
+
+
+def magnified(records, zoom, canvas):
+    """The R images of `records` drawn again, magnified `zoom` times about the digit's centre:
+    RTS's renderer with each record's angle, scale `zoom` and no shift."""
+    digits = load_source()[0][[r["source_index"] for r in records]]
+    params = [
+        {"angle_deg": r["params"]["angle_deg"], "scale": zoom, "dx": 0, "dy": 0} for r in records
+    ]
+    return render("rts", digits, params, canvas)
+
+
+def load_split(variant, split, args):
+    """(float32 images [N, canvas, canvas, 1], labels, records) of `split`, drawn with seed
+    `args.seed` (see `draw_split`)."""
+    images, labels, records = draw_split(variant, split, args.seed, args.max_rotation, args)
     return as_inputs(images), labels, records
 
 
@@ -246,14 +278,8 @@ def training_draws(variant, args):
 
     @functools.cache
     def draw(epoch):
-        images, labels, _ = make_split(
-            variant,
-            args.copies,
-            canvas=args.canvas,
-            seed=args.seed * 1000 + epoch,
-            split="train",
-            per_class=args.per_class,
-            max_angle=max_angle(epoch, args),  # only R images turn
+        images, labels, _ = draw_split(
+            variant, "train", args.seed * 1000 + epoch, max_angle(epoch, args), args
         )
         return images, labels
 
@@ -458,6 +484,7 @@ def write_reports(results, args, command):
             "rotation_warmup",
             "max_rotation",
             "canvas",
+            "zoom",
             "full_resolution_localization",
             "localization_hidden_units",
             "st_iterations",

@@ -79,6 +79,9 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--max-rotation", "nan"],
         ["--canvas", "27"],
         ["--st-output-size", "23"],
+        ["--zoom", "0.9", "--variants", "r"],
+        ["--zoom", "2.5", "--variants", "r"],
+        ["--zoom", "1.2"],  # every distortion, where it magnifies R only
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
@@ -259,6 +262,40 @@ def test_canvas_28_upright_hands_the_cnn_the_source_digits_themselves():
     assert not wide[:, :7].any() and not wide[:, 35:].any()
     assert not wide[:, :, :7].any() and not wide[:, :, 35:].any()
     assert bench_accuracy.training_draws("r", small)(3)[0].shape == (40, 28, 28)
+
+
+@pytest.mark.parametrize(("canvas", "max_rotation"), [(28, 0), (42, 30)])
+def test_zoom_magnifies_r_digits_about_their_centre(canvas, max_rotation):
+    from scipy import ndimage
+
+    from pipeline.distorted_mnist import canvas_centre, load_source
+
+    argv = ["--variants", "r", "--per-class", "2", "--copies", "2", "--redraw"]
+    argv += ["--canvas", str(canvas), "--max-rotation", str(max_rotation)]
+    images, _, records = bench_accuracy.load_split("r", "eval", bench_accuracy.parse_args(argv))
+    zoomed, _, same = bench_accuracy.load_split(
+        "r", "eval", bench_accuracy.parse_args([*argv, "--zoom", "1.3"])
+    )
+    assert same == records  # the same digits, turned the same way
+    # oracle: SciPy's affine map from canvas (row, col) to source, zero outside the source
+    centre, source_centre = canvas_centre(canvas), 13.5
+    for image, record in zip(zoomed[..., 0], records, strict=True):
+        turn = np.deg2rad(record["params"]["angle_deg"])
+        cos, sin = np.cos(turn), np.sin(turn)
+        matrix = np.array([[cos, sin], [-sin, cos]]) / 1.3
+        offset = source_centre - matrix @ [centre, centre]
+        source = load_source()[0][record["source_index"]].astype(float)
+        want = ndimage.affine_transform(
+            source, matrix, offset, (canvas, canvas), order=1, mode="grid-constant"
+        )
+        assert np.abs(np.round(image * 255) - np.clip(np.rint(want), 0, 255)).max() <= 1
+    ink = [(zoomed > 0).sum() / (images > 0).sum()]
+    for zoom in ("1", "1.3"):  # the training draws too
+        draws = bench_accuracy.training_draws(
+            "r", bench_accuracy.parse_args([*argv, "--zoom", zoom])
+        )
+        ink.append((draws(0)[0] > 0).sum())
+    assert ink[0] > 1.5 and ink[2] > 1.5 * ink[1]  # 1.3 x 1.3 = 1.69 times the inked area, about
 
 
 def test_keras_fit_takes_one_draw_per_epoch_in_order():
