@@ -24,9 +24,11 @@ It reports the test error on the eval split (the 500 held-out digits x `--copies
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
 (inputs beside what the trained ST-CNN made of them, its sampling grids, training curves)
-into `--out`. On R it also measures whether each ST-CNN turns the digits back upright: the
-share of eval digits its sampling grids leave within 15 degrees of upright, and the slope of
-grid rotation against true angle.
+into `--out`, with each model's eval predictions (`predictions_<distortion>_<model>.npz`,
+which benchmarks/digit_errors.py compares digit by digit). On R it also measures whether
+each ST-CNN turns the digits back upright: the share of eval digits its sampling grids leave
+within 15 degrees of upright (of the first 2,000), and the slope of grid rotation against
+true angle.
 
     .venv/bin/python benchmarks/bench_accuracy.py --jobs 2            # everything (long, below)
     .venv/bin/python benchmarks/bench_accuracy.py --small             # smoke test, 2 minutes
@@ -63,6 +65,7 @@ import time
 
 import numpy as np
 from _util import peak_rss_mib, print_table
+from digit_errors import error_over_digits, save_predictions
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, load_source, make_split, render
@@ -93,6 +96,7 @@ SMALL = {
 }
 PICTURE_DIGITS = 8
 UPRIGHT_DEG = 15.0  # a rectified R digit this close to upright counts as turned back
+ROTATION_DIGITS = 2000  # the first eval digits that the rotation summary covers
 HALF_TURN_SYMMETRIC = (0, 1, 8)  # digits that look the same upside down
 
 
@@ -336,24 +340,6 @@ def train(name, fit_input, train_images, evaluation, args):
     return model, history.history, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def test_error(model, eval_x, eval_y, records):
-    """(error %, its standard error %) of the model's top class on the eval split (see
-    `error_over_digits`; `records` are the eval images' records)."""
-    predicted = model.predict(eval_x, batch_size=512, verbose=0).argmax(axis=1)
-    return error_over_digits(predicted != eval_y, [r["source_index"] for r in records])
-
-
-def error_over_digits(wrong, sources):
-    """(% of the images `wrong`, its standard error %), where `sources` names each image's
-    source digit. The copies of one digit are not independent images, so the standard error
-    is that of the mean over the digits of their error rates (every digit has as many copies)."""
-    wrong = np.asarray(wrong, dtype=float)
-    _, digit = np.unique(sources, return_inverse=True)
-    per_digit = np.bincount(digit, weights=wrong) / np.bincount(digit)
-    spread = per_digit.std(ddof=1) / np.sqrt(len(per_digit))
-    return 100 * float(wrong.mean()), 100 * float(spread)
-
-
 def save_pictures(variant, model, eval_x, eval_y, out):
     """Rectification and sampling-grid pictures of a trained ST model on eval digits."""
     from stn_model.models import find_spatial_transformer
@@ -390,33 +376,37 @@ def grid_rotation_deg(grids):
     return np.degrees(np.angle(np.exp(1j * angle_x) + np.exp(1j * angle_y)))
 
 
-def rotation_recovery(model, eval_x, eval_y, records, count=2000):
-    """How far an R-trained ST model turns the first `count` eval digits back upright (see
-    `rotation_summary`)."""
+def grid_rotations(model, eval_x):
+    """The rotation in degrees of an R-trained ST model's sampling grid over each of `eval_x`
+    (see `grid_rotation_deg`)."""
     from stn_model.models import find_spatial_transformer
 
     transformer = find_spatial_transformer(model)
-    grids = np.concatenate(
-        [
-            np.asarray(transformer.rectify(eval_x[i : i + 500], training=False)[2])
-            for i in range(0, min(count, len(eval_x)), 500)
-        ]
-    )
-    true = [r["params"]["angle_deg"] for r in records[: len(grids)]]
-    return rotation_summary(grid_rotation_deg(grids), true, eval_y[: len(grids)])
+    grids = [
+        np.asarray(transformer.rectify(eval_x[i : i + 500], training=False)[2])
+        for i in range(0, len(eval_x), 500)
+    ]
+    return np.concatenate([grid_rotation_deg(grid) for grid in grids])
+
+
+def residual_deg(turned, true, labels):
+    """What is left of each R digit's rotation `true` after its grid turned it by `turned`
+    (degrees, one per digit of class `labels`), 0 to 180. A 0, 1 or 8 turned upside down
+    counts as upright: it looks the same, so the transformer may turn it either way."""
+    turned, true = np.asarray(turned, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    residual = np.abs((true + turned + 180) % 360 - 180)
+    symmetric = np.isin(labels, HALF_TURN_SYMMETRIC)
+    residual[symmetric] = np.minimum(residual[symmetric], 180 - residual[symmetric])
+    return residual
 
 
 def rotation_summary(turned, true, labels):
     """How grid rotations `turned` undo true angles `true` (degrees, one per digit of class
     `labels`): {"slope", "correlation"} of turned against true (slope -1: all upright again),
-    and what is left of each digit's rotation after the grid, its "median_residual_deg" and
-    the "upright_share" of digits left within UPRIGHT_DEG of upright. A 0, 1 or 8 turned
-    upside down counts as upright: it looks the same, so the transformer may turn it either way.
+    and what is left of each digit's rotation after the grid (`residual_deg`), its
+    "median_residual_deg" and the "upright_share" of digits left within UPRIGHT_DEG of upright.
     """
-    turned, true = np.asarray(turned, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    residual = np.abs((true + turned + 180) % 360 - 180)
-    symmetric = np.isin(labels, HALF_TURN_SYMMETRIC)
-    residual[symmetric] = np.minimum(residual[symmetric], 180 - residual[symmetric])
+    residual = residual_deg(turned, true, labels)
     return {
         "slope": float(np.polyfit(true, turned, 1)[0]),
         "correlation": float(np.corrcoef(true, turned)[0, 1]),
@@ -557,12 +547,14 @@ def run_variant(variant, args):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     eval_x, eval_y, records = load_split(variant, "eval", args)
+    sources = [r["source_index"] for r in records]
     fit_input, train_images = training_set(variant, args)
     results, histories, pictured = {}, {}, False
     for name in args.models:
         print(f"== {variant} / {name}", flush=True)
         model, history, wall, cpu = train(name, fit_input, train_images, (eval_x, eval_y), args)
-        error, error_se = test_error(model, eval_x, eval_y, records)
+        predicted = model.predict(eval_x, batch_size=512, verbose=0).argmax(axis=1)
+        error, error_se = error_over_digits(predicted != eval_y, sources)
         print(f"== {variant} / {name}: test error {error:.2f}%", flush=True)
         result = results[f"{variant}/{name}"] = {
             "error_pct": error,
@@ -575,9 +567,18 @@ def run_variant(variant, args):
             "peak_rss_mib": peak_rss_mib(),
             "history": history,
         }
+        residual = None
         if variant == "r" and name.startswith("st_cnn") and args.max_rotation > 0:
-            result["rotation"] = rotation_recovery(model, eval_x, eval_y, records)
+            turned, true = (
+                grid_rotations(model, eval_x),
+                [r["params"]["angle_deg"] for r in records],
+            )
+            first = slice(ROTATION_DIGITS)
+            result["rotation"] = rotation_summary(turned[first], true[first], eval_y[first])
+            residual = residual_deg(turned, true, eval_y)
             print(f"== {variant} / {name}: rotation recovery {result['rotation']}", flush=True)
+        predictions = os.path.join(args.out, f"predictions_{variant}_{name}.npz")
+        save_predictions(predictions, predicted, eval_y, records, residual)
         histories[name] = history
         if name.startswith("st_cnn") and not pictured:
             save_pictures(variant, model, eval_x, eval_y, args.out)

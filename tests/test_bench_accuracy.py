@@ -103,19 +103,6 @@ def test_error_table_puts_ours_beside_the_paper():
     assert table[3] == "| st_cnn_projective | 0.75 ± 0.10 / n/a | – / n/a |"
 
 
-def test_standard_error_counts_source_digits_not_copies():
-    # two digits x two copies: one digit always wrong, one always right -> rates 1 and 0,
-    # standard deviation 0.7071, over sqrt(2) digits: 0.5 (the binomial one of 4 images: 0.25)
-    error, se = bench_accuracy.error_over_digits([1, 0, 1, 0], [7, 3, 7, 3])
-    assert error == 50 and se == pytest.approx(50)
-    # one image each: the per-digit rates are the images, so the spread is theirs
-    wrong = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0])
-    error, se = bench_accuracy.error_over_digits(wrong, np.arange(10))
-    assert error == pytest.approx(20) and se == pytest.approx(100 * wrong.std(ddof=1) / np.sqrt(10))
-    # copies that disagree spread less than digits that do: rates 0.5 and 0.5 -> 0
-    assert bench_accuracy.error_over_digits([1, 0, 0, 1], [1, 1, 2, 2]) == (50, 0)
-
-
 def test_results_come_out_in_table_order_whatever_finished_first():
     args = bench_accuracy.parse_args(["--variants", "rts", "r", "--models", "cnn", "st_fcn"])
     finished = {"r/st_fcn": run(1), "rts/st_fcn": run(2), "r/cnn": run(3), "rts/cnn": run(4)}
@@ -368,6 +355,11 @@ def test_small_run_writes_tables_json_and_pictures(tmp_path):
         assert result["fit_wall_s"] > 0 and result["peak_rss_mib"] > 100
     markdown = (out / "accuracy.md").read_text()
     assert "| model | RTS ours / paper |" in markdown and "/ 0.8 |" in markdown
+    for key, result in report["runs"].items():  # each model's predictions, saved
+        saved = np.load(out / f"predictions_{key.replace('/', '_')}.npz")
+        wrong = saved["predicted"] != saved["label"]
+        assert 100 * wrong.mean() == pytest.approx(result["error_pct"])
+        assert ("residual_deg" in saved) == (key == "r/st_cnn_affine")
     rotation = report["runs"]["r/st_cnn_affine"]["rotation"]
     assert -1.5 < rotation["slope"] < 1.5 and 0 <= rotation["upright_share"] <= 1
     assert "of the digits back to within 15 degrees of upright" in markdown

@@ -1,0 +1,176 @@
+"""Test errors counted over source digits, and two models' errors compared digit by digit.
+
+The eval split of bench_accuracy.py holds several distorted copies of each source digit. The
+copies are not independent images, so the standard error of a test error is taken over the
+digits, and two models are compared digit by digit: the difference of their error rates on
+each digit, averaged, with its standard error over the digits. bench_accuracy.py saves each
+model's eval predictions as `predictions_<distortion>_<model>.npz`; give this script pairs of
+them (model A, then model B; one pair per seed, say):
+
+    .venv/bin/python benchmarks/digit_errors.py \\
+        RESULTS/predictions_r_cnn.npz RESULTS/predictions_r_st_cnn_affine.npz [A2 B2 ...]
+
+It prints both models' errors, B's minus A's with its standard error, how many digits each
+misreads in at least one copy (and how many both do), the errors by how far each digit was
+turned (where the distortion turns digits), and, for an ST model on R, by how far its
+transformer left the digit from upright. The pairs may come from different draws of the same
+digits (upright and rotated, say): they are paired by source digit, never by image.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from _util import print_table
+
+FIELDS = ("predicted", "label", "source_index")  # every predictions file has these
+ANGLE_BINS = (0.0, 15.0, 45.0, 90.0, 180.0)  # degrees; 180: a digit left upside down
+ANGLE_COLUMNS = {  # saved by bench_accuracy.py where they apply
+    "angle_deg": "how far the digit was turned",
+    "residual_deg": "how far the transformer left it from upright",
+}
+
+
+def error_over_digits(wrong, sources):
+    """(% of the images `wrong`, its standard error %), where `sources` names each image's
+    source digit. The copies of one digit are not independent images, so the standard error
+    is that of the mean over the digits of their error rates (every digit has as many copies)."""
+    _, rates = rates_per_digit(wrong, sources)
+    spread = rates.std(ddof=1) / np.sqrt(len(rates))
+    return 100 * float(np.mean(wrong)), 100 * float(spread)
+
+
+def rates_per_digit(wrong, sources):
+    """(the distinct digits of `sources`, sorted; each one's share of its images `wrong`)."""
+    wrong = np.asarray(wrong, dtype=float)
+    digits, digit = np.unique(sources, return_inverse=True)
+    return digits, np.bincount(digit, weights=wrong) / np.bincount(digit)
+
+
+def paired_difference(wrong_a, sources_a, wrong_b, sources_b):
+    """(B's error % minus A's, its standard error in % points), from the difference of the two
+    models' error rates on each source digit; both must have read the same digits."""
+    digits_a, rates_a = rates_per_digit(wrong_a, sources_a)
+    digits_b, rates_b = rates_per_digit(wrong_b, sources_b)
+    if not np.array_equal(digits_a, digits_b):
+        raise ValueError("the two models read different source digits; pair runs of one split")
+    diff = rates_b - rates_a
+    return 100 * float(diff.mean()), 100 * float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def digits_misread(wrong_a, sources_a, wrong_b, sources_b):
+    """(both, A only, B only): how many source digits the models get wrong in at least one of
+    their copies."""
+    digits_a, rates_a = rates_per_digit(wrong_a, sources_a)
+    digits_b, rates_b = rates_per_digit(wrong_b, sources_b)
+    a, b = set(digits_a[rates_a > 0]), set(digits_b[rates_b > 0])
+    return len(a & b), len(a - b), len(b - a)
+
+
+def errors_by_angle(wrong, degrees, bins=ANGLE_BINS):
+    """[(low, high, images, errors)] of the images whose |degrees| lie in [low, high) (the
+    last bin closed)."""
+    wrong, degrees = np.asarray(wrong, dtype=bool), np.abs(np.asarray(degrees, dtype=float))
+    where = np.clip(np.digitize(degrees, bins) - 1, 0, len(bins) - 2)
+    return [
+        (bins[i], bins[i + 1], int(np.sum(where == i)), int(np.sum(wrong[where == i])))
+        for i in range(len(bins) - 1)
+    ]
+
+
+def save_predictions(path, predicted, labels, records, residual_deg=None):
+    """Writes a model's eval predictions (top class per image) beside each image's label,
+    source digit and scalar distortion parameters (`records`, as make_split returns them) and,
+    for an ST model on R, how far its transformer left each digit from upright."""
+    params = records[0]["params"] if records else {}
+    arrays = {
+        "predicted": np.asarray(predicted, dtype=np.int8),
+        "label": np.asarray(labels, dtype=np.int8),
+        "source_index": np.array([r["source_index"] for r in records], dtype=np.int32),
+        **{
+            key: np.array([r["params"][key] for r in records], dtype=np.float32)
+            for key, value in params.items()
+            if np.isscalar(value)
+        },
+    }
+    if residual_deg is not None:
+        arrays["residual_deg"] = np.asarray(residual_deg, dtype=np.float32)
+    np.savez_compressed(path, **arrays)
+
+
+def load_predictions(path):
+    """{name: array} of a predictions file; a clear error when it is not one."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such predictions file (bench_accuracy.py writes them)")
+    with np.load(path) as data:
+        arrays = dict(data)
+    missing = [name for name in FIELDS if name not in arrays]
+    if missing:
+        raise SystemExit(f"{path}: not a predictions file, missing {', '.join(missing)}")
+    return arrays
+
+
+def pooled(runs):
+    """One run from several (one per seed, say): the arrays they all have, concatenated, each
+    run's source digits kept apart (run i's digit d becomes i * 10**6 + d)."""
+    keys = set.intersection(*(set(run) for run in runs))
+    merged = {key: np.concatenate([run[key] for run in runs]) for key in keys}
+    merged["source_index"] = np.concatenate(
+        [i * 10**6 + run["source_index"].astype(np.int64) for i, run in enumerate(runs)]
+    )
+    return merged
+
+
+def compare(a, b, names=("A", "B"), out=sys.stdout):
+    """Prints the comparison of runs `a` and `b` (see the module's docstring)."""
+    runs = dict(zip(names, (a, b), strict=True))
+    wrong = {name: run["predicted"] != run["label"] for name, run in runs.items()}
+    rows = []
+    for name, run in runs.items():
+        error, se = error_over_digits(wrong[name], run["source_index"])
+        rows.append((name, f"{error:.2f} ± {se:.2f}", int(wrong[name].sum()), len(wrong[name])))
+    print_table(["model", "error % (± over digits)", "errors", "images"], rows, file=out)
+    pair = [x for name, run in runs.items() for x in (wrong[name], run["source_index"])]
+    diff, se = paired_difference(*pair)
+    both, a_only, b_only = digits_misread(*pair)
+    errors_a, errors_b = (int(w.sum()) for w in wrong.values())
+    cut = 100 * (1 - errors_b / errors_a) if errors_a else float("nan")
+    print(
+        f"\n{names[1]} - {names[0]}: {diff:+.2f} ± {se:.2f} % points, paired over "
+        f"{len(np.unique(a['source_index']))} source digits of all runs ({names[1]} makes "
+        f"{cut:.1f}% fewer errors)\n"
+        f"digits misread in at least one copy: both {both}, {names[0]} only {a_only}, "
+        f"{names[1]} only {b_only}",
+        file=out,
+    )
+    for column, what in ANGLE_COLUMNS.items():
+        measured = [name for name, run in runs.items() if column in run]
+        if not measured:
+            continue
+        tables = [errors_by_angle(wrong[name], runs[name][column]) for name in measured]
+        rows = [
+            [f"{low:g}-{high:g}"]
+            + [f"{t[i][3]} of {t[i][2]} ({100 * t[i][3] / max(t[i][2], 1):.1f}%)" for t in tables]
+            for i, (low, high, _, _) in enumerate(tables[0])
+        ]
+        print(f"\nerrors by {what}, in degrees:", file=out)
+        print_table(["degrees", *measured], rows, file=out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="predictions files: A B [A2 B2 ...]")
+    parser.add_argument("--names", nargs=2, default=("A", "B"), help="names of models A and B")
+    args = parser.parse_args(argv)
+    if len(args.files) % 2:
+        parser.error(f"give pairs of predictions files (A B ...), got {len(args.files)} files")
+    runs = [load_predictions(path) for path in args.files]
+    for name, files in zip(args.names, (args.files[0::2], args.files[1::2]), strict=True):
+        print(f"{name}: {', '.join(files)}")
+    compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

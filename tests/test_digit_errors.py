@@ -1,0 +1,149 @@
+"""benchmarks/digit_errors.py: errors over source digits and paired comparisons, by hand."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.distorted_mnist import make_split
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+
+import digit_errors  # noqa: E402  (lives in benchmarks/, put on the path just above)
+
+
+def test_standard_error_counts_source_digits_not_copies():
+    # two digits x two copies: one digit always wrong, one always right -> rates 1 and 0,
+    # standard deviation 0.7071, over sqrt(2) digits: 0.5 (the binomial one of 4 images: 0.25)
+    error, se = digit_errors.error_over_digits([1, 0, 1, 0], [7, 3, 7, 3])
+    assert error == 50 and se == pytest.approx(50)
+    # one image each: the per-digit rates are the images, so the spread is theirs
+    wrong = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0])
+    error, se = digit_errors.error_over_digits(wrong, np.arange(10))
+    assert error == pytest.approx(20) and se == pytest.approx(100 * wrong.std(ddof=1) / np.sqrt(10))
+    # copies that disagree spread less than digits that do: rates 0.5 and 0.5 -> 0
+    assert digit_errors.error_over_digits([1, 0, 0, 1], [1, 1, 2, 2]) == (50, 0)
+
+
+def test_paired_difference_pairs_digits_whatever_the_image_order():
+    # A: digit 1 wrong in both copies, digit 2 right; B: digit 1 wrong in one copy of two.
+    # Per-digit differences B - A: -0.5 and 0 -> mean -0.25, std 0.3536, / sqrt(2) = 0.25
+    wrong_a, sources_a = [1, 1, 0, 0], [1, 1, 2, 2]
+    expected = (-25, 25)
+    assert digit_errors.paired_difference(wrong_a, sources_a, [0, 1, 0, 0], [1, 1, 2, 2]) == (
+        pytest.approx(expected)
+    )
+    shuffled = digit_errors.paired_difference(wrong_a, sources_a, [0, 0, 0, 1], [2, 1, 2, 1])
+    assert shuffled == pytest.approx(expected)
+    # the same errors on both sides: no difference, and no spread
+    assert digit_errors.paired_difference(wrong_a, sources_a, wrong_a, sources_a) == (0, 0)
+    with pytest.raises(ValueError, match="different source digits"):
+        digit_errors.paired_difference(wrong_a, sources_a, [0, 0], [1, 3])
+
+
+def test_digits_misread_counts_digits_not_images():
+    # A misreads digits 1 (twice) and 2; B misreads 2 and 3; nobody misreads 4
+    sources = [1, 1, 2, 2, 3, 3, 4, 4]
+    wrong_a = [1, 1, 0, 1, 0, 0, 0, 0]
+    wrong_b = [0, 0, 1, 0, 1, 0, 0, 0]
+    assert digit_errors.digits_misread(wrong_a, sources, wrong_b, sources) == (1, 1, 1)
+
+
+def test_errors_by_angle_bins_the_absolute_angle():
+    degrees = [-10, 14.9, 15, 44, -45, 90, 170, -180]
+    wrong = [1, 0, 1, 0, 1, 1, 0, 1]
+    assert digit_errors.errors_by_angle(wrong, degrees) == [
+        (0, 15, 2, 1),
+        (15, 45, 2, 1),
+        (45, 90, 1, 1),
+        (90, 180, 3, 2),  # 180 itself falls in the last bin
+    ]
+
+
+def test_predictions_round_trip_with_real_records(tmp_path):
+    _, labels, records = make_split("r", 2, seed=3, split="eval", per_class=2)
+    predicted = (labels + 1) % 10
+    residual = np.linspace(0, 90, len(labels))
+    path = tmp_path / "predictions_r_st_cnn_affine.npz"
+    digit_errors.save_predictions(path, predicted, labels, records, residual)
+    saved = digit_errors.load_predictions(str(path))
+    assert sorted(saved) == ["angle_deg", "label", "predicted", "residual_deg", "source_index"]
+    assert np.array_equal(saved["predicted"], predicted)
+    assert np.array_equal(saved["label"], labels)
+    assert list(saved["source_index"]) == [r["source_index"] for r in records]
+    angles = [r["params"]["angle_deg"] for r in records]
+    assert saved["angle_deg"] == pytest.approx(angles, abs=1e-4)
+    assert saved["residual_deg"] == pytest.approx(residual, abs=1e-4)
+
+
+def test_load_predictions_names_the_file_and_what_is_wrong(tmp_path):
+    with pytest.raises(SystemExit, match=r"nowhere\.npz: no such predictions file"):
+        digit_errors.load_predictions(str(tmp_path / "nowhere.npz"))
+    other = tmp_path / "other.npz"
+    np.savez(other, predicted=np.zeros(3))
+    with pytest.raises(SystemExit, match=r"other\.npz: not a predictions file, missing label"):
+        digit_errors.load_predictions(str(other))
+
+
+def test_pooled_runs_keep_each_runs_digits_apart():
+    one = {"predicted": np.array([1, 2]), "source_index": np.array([5, 6]), "angle_deg": [0, 1]}
+    two = {"predicted": np.array([3, 4]), "source_index": np.array([5, 6])}
+    merged = digit_errors.pooled([one, two])
+    assert sorted(merged) == ["predicted", "source_index"]  # only what both runs have
+    assert list(merged["predicted"]) == [1, 2, 3, 4]
+    assert list(merged["source_index"]) == [5, 6, 1_000_005, 1_000_006]
+
+
+def write(path, predicted, labels, sources, **extra):
+    np.savez(path, predicted=predicted, label=labels, source_index=sources, **extra)
+    return str(path)
+
+
+def test_command_line_pairs_two_seeds(tmp_path):
+    labels, sources = [3, 3, 5, 5], [10, 10, 20, 20]
+    angles = [5.0, -60.0, 30.0, 80.0]
+    files = [  # seed 1: A misses 2 images, B 1; seed 2: A misses 2, B none
+        write(tmp_path / "a1.npz", [3, 0, 5, 0], labels, sources, angle_deg=angles),
+        write(tmp_path / "b1.npz", [3, 3, 5, 0], labels, sources, residual_deg=[1, 2, 3, 50]),
+        write(tmp_path / "a2.npz", [0, 0, 5, 5], labels, sources, angle_deg=angles),
+        write(tmp_path / "b2.npz", [3, 3, 5, 5], labels, sources, residual_deg=[1, 2, 3, 4]),
+    ]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/digit_errors.py", *files, "--names", "cnn", "st"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    # A: 4 errors of 8, B: 1 of 8 (per digit of each seed: A 0.5, 0.5, 1, 0 and B 0, 0.5, 0, 0)
+    for name, rates, errors in (("cnn", [0.5, 0.5, 1, 0], 4), ("st", [0, 0.5, 0, 0], 1)):
+        se = 100 * np.std(rates, ddof=1) / 2
+        assert re.search(rf"\n\s*{name}\s+{100 * errors / 8:.2f} ± {se:.2f}\s+{errors}\s+8\n", out)
+    diff = np.array([0, 0.5, 0, 0]) - [0.5, 0.5, 1, 0]
+    se = 100 * diff.std(ddof=1) / 2
+    assert f"st - cnn: -37.50 ± {se:.2f} % points, paired over 4 source digits" in out
+    assert "st makes 75.0% fewer errors" in out
+    assert "both 1, cnn only 2, st only 0" in out
+    # by true angle (A's files have it): 0-15: image 0 twice, A wrong once
+    assert "errors by how far the digit was turned" in out and "1 of 2 (50.0%)" in out
+    # by residual (B's files have it): 45-90: one image, wrong
+    assert "errors by how far the transformer left it from upright" in out
+    assert "1 of 1 (100.0%)" in out
+
+
+def test_command_line_wants_pairs(tmp_path):
+    path = write(tmp_path / "a.npz", [1], [1], [1])
+    done = subprocess.run(
+        [sys.executable, "benchmarks/digit_errors.py", path],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "give pairs of predictions files" in done.stderr
