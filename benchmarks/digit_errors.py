@@ -13,8 +13,9 @@ them (model A, then model B; one pair per seed, say):
 It prints both models' errors, B's minus A's with its standard error, how many digits each
 misreads in at least one copy (and how many both do), the errors by how far each digit was
 turned (where the distortion turns digits), and, for an ST model on R, by how far its
-transformer left the digit from upright. The pairs may come from different draws of the same
-digits (upright and rotated, say): they are paired by source digit, never by image.
+transformer left the digit from upright; `--plots DIR` draws those as bar charts in DIR. The
+pairs may come from different draws of the same digits (upright and rotated, say): they are
+paired by source digit, never by image.
 """
 
 import argparse
@@ -25,10 +26,9 @@ import numpy as np
 from _util import print_table
 
 FIELDS = ("predicted", "label", "source_index")  # every predictions file has these
-ANGLE_BINS = (0.0, 15.0, 45.0, 90.0, 180.0)  # degrees; 180: a digit left upside down
-ANGLE_COLUMNS = {  # saved by bench_accuracy.py where they apply
-    "angle_deg": "how far the digit was turned",
-    "residual_deg": "how far the transformer left it from upright",
+ANGLE_COLUMNS = {  # saved by bench_accuracy.py where they apply: what, bins in degrees
+    "angle_deg": ("how far the digit was turned", (0, 15, 45, 90)),
+    "residual_deg": ("how far the transformer left it from upright", (0, 15, 45, 90, 180)),
 }
 
 
@@ -68,9 +68,9 @@ def digits_misread(wrong_a, sources_a, wrong_b, sources_b):
     return len(a & b), len(a - b), len(b - a)
 
 
-def errors_by_angle(wrong, degrees, bins=ANGLE_BINS):
+def errors_by_angle(wrong, degrees, bins):
     """[(low, high, images, errors)] of the images whose |degrees| lie in [low, high) (the
-    last bin closed)."""
+    last bin closed) for consecutive `bins` edges."""
     wrong, degrees = np.asarray(wrong, dtype=bool), np.abs(np.asarray(degrees, dtype=float))
     where = np.clip(np.digitize(degrees, bins) - 1, 0, len(bins) - 2)
     return [
@@ -122,8 +122,9 @@ def pooled(runs):
     return merged
 
 
-def compare(a, b, names=("A", "B"), out=sys.stdout):
-    """Prints the comparison of runs `a` and `b` (see the module's docstring)."""
+def compare(a, b, names=("A", "B"), plots=None, out=sys.stdout):
+    """Prints the comparison of runs `a` and `b` (see the module's docstring) and, with
+    `plots` (a folder), draws the errors by angle as PNG bar charts there."""
     runs = dict(zip(names, (a, b), strict=True))
     wrong = {name: run["predicted"] != run["label"] for name, run in runs.items()}
     rows = []
@@ -135,40 +136,70 @@ def compare(a, b, names=("A", "B"), out=sys.stdout):
     diff, se = paired_difference(*pair)
     both, a_only, b_only = digits_misread(*pair)
     errors_a, errors_b = (int(w.sum()) for w in wrong.values())
-    cut = 100 * (1 - errors_b / errors_a) if errors_a else float("nan")
+    change = f"{abs(errors_b - errors_a) / errors_a:.1%}" if errors_a else "n/a"
+    fewer = "fewer" if errors_b <= errors_a else "more"
     print(
         f"\n{names[1]} - {names[0]}: {diff:+.2f} ± {se:.2f} % points, paired over "
         f"{len(np.unique(a['source_index']))} source digits of all runs ({names[1]} makes "
-        f"{cut:.1f}% fewer errors)\n"
+        f"{change} {fewer} errors)\n"
         f"digits misread in at least one copy: both {both}, {names[0]} only {a_only}, "
         f"{names[1]} only {b_only}",
         file=out,
     )
-    for column, what in ANGLE_COLUMNS.items():
-        measured = [name for name, run in runs.items() if column in run]
-        if not measured:
+    for column, (what, bins) in ANGLE_COLUMNS.items():
+        tables = {
+            name: errors_by_angle(wrong[name], run[column], bins)
+            for name, run in runs.items()
+            if column in run
+        }
+        if not tables:
             continue
-        tables = [errors_by_angle(wrong[name], runs[name][column]) for name in measured]
         rows = [
             [f"{low:g}-{high:g}"]
-            + [f"{t[i][3]} of {t[i][2]} ({100 * t[i][3] / max(t[i][2], 1):.1f}%)" for t in tables]
-            for i, (low, high, _, _) in enumerate(tables[0])
+            + [
+                f"{t[i][3]} of {t[i][2]} ({100 * t[i][3] / max(t[i][2], 1):.1f}%)"
+                for t in tables.values()
+            ]
+            for i, (low, high, _, _) in enumerate(bins_of(tables))
         ]
         print(f"\nerrors by {what}, in degrees:", file=out)
-        print_table(["degrees", *measured], rows, file=out)
+        print_table(["degrees", *tables], rows, file=out)
+        if plots:
+            plot_errors_by_angle(tables, what, os.path.join(plots, f"errors_by_{column}.png"))
+
+
+def bins_of(tables):
+    """The (low, high, ...) bins of any one of `tables`: they all share them."""
+    return next(iter(tables.values()))
+
+
+def plot_errors_by_angle(tables, what, path):
+    """A PNG bar chart of each model's error % per angle bin of `tables` (see `compare`)."""
+    from stn_model.visualize import plot_slice_metrics
+
+    by_bin = {
+        f"{low:g}-{high:g} degrees": {
+            f"{name}: error %": 100 * table[i][3] / max(table[i][2], 1)
+            for name, table in tables.items()
+        }
+        for i, (low, high, _, _) in enumerate(bins_of(tables))
+    }
+    plot_slice_metrics(by_bin, path, title=f"Errors by {what}", share_y=True)
+    print(f"written: {path}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="predictions files: A B [A2 B2 ...]")
     parser.add_argument("--names", nargs=2, default=("A", "B"), help="names of models A and B")
+    parser.add_argument("--plots", metavar="DIR", help="draw the errors by angle as PNGs here")
     args = parser.parse_args(argv)
     if len(args.files) % 2:
         parser.error(f"give pairs of predictions files (A B ...), got {len(args.files)} files")
     runs = [load_predictions(path) for path in args.files]
     for name, files in zip(args.names, (args.files[0::2], args.files[1::2]), strict=True):
         print(f"{name}: {', '.join(files)}")
-    compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names))
+    compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names), plots=args.plots)
     return 0
 
 

@@ -159,10 +159,11 @@ def plot_training_curves(histories, path, title=None):
     _save(figure, path, title)
 
 
-def plot_slice_metrics(metrics_by_slice, path, title=None):
+def plot_slice_metrics(metrics_by_slice, path, title=None, share_y=False):
     """Save a PNG bar chart: one panel per metric, one bar per slice.
 
     metrics_by_slice: {slice name: {metric: value}}, e.g. {"variant=rts": {"accuracy": 0.98}}.
+    share_y: one y scale for all panels, for metrics to compare with each other.
     """
     if not isinstance(metrics_by_slice, dict) or not metrics_by_slice:
         raise ValueError("metrics_by_slice must be a non-empty dict {slice: {metric: value}}")
@@ -178,6 +179,7 @@ def plot_slice_metrics(metrics_by_slice, path, title=None):
         figsize=(max(4, 0.8 * len(slices) + 2), 2.8 * len(metrics)),
         dpi=_DPI,
         squeeze=False,
+        sharey=share_y,
     )
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         values = [float(metrics_by_slice[s].get(metric, np.nan)) for s in slices]

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.distorted_mnist import make_split
 
@@ -56,7 +57,7 @@ def test_digits_misread_counts_digits_not_images():
 def test_errors_by_angle_bins_the_absolute_angle():
     degrees = [-10, 14.9, 15, 44, -45, 90, 170, -180]
     wrong = [1, 0, 1, 0, 1, 1, 0, 1]
-    assert digit_errors.errors_by_angle(wrong, degrees) == [
+    assert digit_errors.errors_by_angle(wrong, degrees, (0, 15, 45, 90, 180)) == [
         (0, 15, 2, 1),
         (15, 45, 2, 1),
         (45, 90, 1, 1),
@@ -113,7 +114,10 @@ def test_command_line_pairs_two_seeds(tmp_path):
         write(tmp_path / "b2.npz", [3, 3, 5, 5], labels, sources, residual_deg=[1, 2, 3, 4]),
     ]
     done = subprocess.run(
-        [sys.executable, "benchmarks/digit_errors.py", *files, "--names", "cnn", "st"],
+        [
+            *(sys.executable, "benchmarks/digit_errors.py", *files),
+            *("--names", "cnn", "st", "--plots", str(tmp_path / "plots")),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -129,12 +133,30 @@ def test_command_line_pairs_two_seeds(tmp_path):
     se = 100 * diff.std(ddof=1) / 2
     assert f"st - cnn: -37.50 ± {se:.2f} % points, paired over 4 source digits" in out
     assert "st makes 75.0% fewer errors" in out
+    swapped = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/digit_errors.py",
+            *(files[i] for i in (1, 0, 3, 2)),
+            "--names",
+            "st",
+            "cnn",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "cnn makes 300.0% more errors" in swapped.stdout  # 4 errors where st makes 1
     assert "both 1, cnn only 2, st only 0" in out
     # by true angle (A's files have it): 0-15: image 0 twice, A wrong once
     assert "errors by how far the digit was turned" in out and "1 of 2 (50.0%)" in out
     # by residual (B's files have it): 45-90: one image, wrong
     assert "errors by how far the transformer left it from upright" in out
     assert "1 of 1 (100.0%)" in out
+    for column in ("angle_deg", "residual_deg"):
+        with Image.open(tmp_path / "plots" / f"errors_by_{column}.png") as image:
+            assert image.format == "PNG" and min(image.size) > 100
 
 
 def test_command_line_wants_pairs(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stn_model import affine_grid
+from stn_model import affine_grid, visualize
 from stn_model.visualize import (
     grid_outline,
     normalized_to_pixels,
@@ -123,6 +123,17 @@ def test_plot_slice_metrics_writes_png(tmp_path):
         {"variant=r": {"accuracy": 0.97}, "variant=rts": {"accuracy": 0.99, "loss": 0.1}}, path
     )
     assert_png(path)
+
+
+@pytest.mark.parametrize("share_y", [False, True])
+def test_plot_slice_metrics_shares_the_y_scale_on_request(tmp_path, monkeypatch, share_y):
+    saved = []
+    monkeypatch.setattr(visualize, "_save", lambda figure, path, title: saved.append(figure))
+    metrics = {"0-15": {"cnn": 2.5, "st": 1.6}, "45-90": {"cnn": 4.0, "st": 2.3}}
+    plot_slice_metrics(metrics, tmp_path / "x.png", share_y=share_y)
+    top_cnn, top_st = (ax.get_ylim()[1] for ax in saved[0].axes)
+    assert top_cnn >= 4.0 and top_st >= 2.3
+    assert (top_cnn == top_st) == share_y
 
 
 def test_plots_reject_bad_input(tmp_path, digits):
