@@ -20,6 +20,7 @@ resolution (without their first 2x2 pool); `--localization-hidden-units N` ends 
 fully connected layer of N units; `--st-iterations N` lets the affine and projective
 transformers correct their transform N - 1 times (Lin & Lucey 2017; the TPS one stays at 1);
 `--st-output-size N` makes the ST models' transformers write N x N images (default 28).
+`--label-smoothing S` trains every model against labels smoothed by S.
 It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
@@ -111,6 +112,13 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adam's start rate")
     parser.add_argument("--seed", type=int, default=1, help="data and initialisation seed")
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="train every model against labels smoothed by S (0 to 1; default 0, none)",
+    )
     parser.add_argument(
         "--redraw",
         action="store_true",
@@ -207,6 +215,8 @@ def parse_args(argv=None):
         parser.error(f"--zoom must be 1 to 2, got {args.zoom:g}")
     if args.zoom != 1 and list(args.variants) != ["r"]:
         parser.error(f"--zoom magnifies R digits only; give --variants r, got {args.variants}")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be 0 to 1 (1 excluded), got {args.label_smoothing:g}")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     return args
@@ -306,6 +316,22 @@ def training_set(variant, args):
     return lambda: {"x": train_x, "y": train_y, "batch_size": args.batch_size}, len(train_y)
 
 
+def classification_loss(label_smoothing):
+    """Cross-entropy on integer labels; with `label_smoothing` s > 0, against targets that put
+    1 - s on the label and s spread evenly over all classes (Szegedy et al. 2016)."""
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def smoothed_cross_entropy(labels, probabilities):
+        classes = keras.backend.int_shape(probabilities)[-1]
+        labels = keras.backend.cast(keras.backend.flatten(labels), "int32")
+        return keras.losses.categorical_crossentropy(
+            keras.backend.one_hot(labels, classes), probabilities, label_smoothing=label_smoothing
+        )
+
+    return smoothed_cross_entropy
+
+
 def train(name, fit_input, train_images, evaluation, args):
     """Train one model with the shared recipe on `fit_input()` (see `training_set`), checking
     on `evaluation` (eval images, labels) every epoch; -> (model, history, fit wall s, fit CPU s).
@@ -327,7 +353,7 @@ def train(name, fit_input, train_images, evaluation, args):
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, steps)
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=classification_loss(args.label_smoothing),
         metrics=["accuracy"],
     )
     wall, cpu = time.perf_counter(), time.process_time()
@@ -493,6 +519,7 @@ def write_reports(results, args, command):
             "per_class",
             "batch_size",
             "learning_rate",
+            "label_smoothing",
             "seed",
             "jobs",
         )

@@ -82,6 +82,8 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--zoom", "0.9", "--variants", "r"],
         ["--zoom", "2.5", "--variants", "r"],
         ["--zoom", "1.2"],  # every distortion, where it magnifies R only
+        ["--label-smoothing", "1"],
+        ["--label-smoothing", "-0.1"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
@@ -89,6 +91,19 @@ def test_bad_options_exit_with_usage_error(argv, capsys):
         bench_accuracy.parse_args(argv)
     assert stop.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_label_smoothing_moves_the_target_off_the_label():
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), size=4).astype(np.float32)
+    labels = np.array([3, 0, 9, 3])
+    # smoothing 0.2 over 10 classes: 0.02 on every class, 0.8 more on the label
+    target = np.full((4, 10), 0.02)
+    target[np.arange(4), labels] += 0.8
+    smoothed = bench_accuracy.classification_loss(0.2)(labels.astype(np.float32), probabilities)
+    assert np.asarray(smoothed) == pytest.approx(-(target * np.log(probabilities)).sum(1), rel=1e-5)
+    plain = bench_accuracy.classification_loss(0.0)(labels, probabilities)
+    expected = -np.log(probabilities[np.arange(4), labels]).mean()
+    assert float(plain) == pytest.approx(expected, rel=1e-5)
 
 
 def test_error_table_puts_ours_beside_the_paper():
