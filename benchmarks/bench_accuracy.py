@@ -596,10 +596,8 @@ def run_variant(variant, args):
         }
         residual = None
         if variant == "r" and name.startswith("st_cnn") and args.max_rotation > 0:
-            turned, true = (
-                grid_rotations(model, eval_x),
-                [r["params"]["angle_deg"] for r in records],
-            )
+            turned = grid_rotations(model, eval_x)
+            true = [r["params"]["angle_deg"] for r in records]
             first = slice(ROTATION_DIGITS)
             result["rotation"] = rotation_summary(turned[first], true[first], eval_y[first])
             residual = residual_deg(turned, true, eval_y)

@@ -21,6 +21,7 @@ paired by source digit, never by image.
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 from _util import print_table
@@ -103,8 +104,11 @@ def load_predictions(path):
     """{name: array} of a predictions file; a clear error when it is not one."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such predictions file (bench_accuracy.py writes them)")
-    with np.load(path) as data:
-        arrays = dict(data)
+    try:
+        with np.load(path) as data:
+            arrays = dict(data)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise SystemExit(f"{path}: not a predictions file ({error})") from error
     missing = [name for name in FIELDS if name not in arrays]
     if missing:
         raise SystemExit(f"{path}: not a predictions file, missing {', '.join(missing)}")
@@ -199,7 +203,10 @@ def main(argv=None):
     runs = [load_predictions(path) for path in args.files]
     for name, files in zip(args.names, (args.files[0::2], args.files[1::2]), strict=True):
         print(f"{name}: {', '.join(files)}")
-    compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names), plots=args.plots)
+    try:
+        compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names), plots=args.plots)
+    except ValueError as error:  # runs of different digits
+        parser.error(f"{' '.join(args.files)}: {error}")
     return 0
 
 

@@ -88,6 +88,10 @@ def test_load_predictions_names_the_file_and_what_is_wrong(tmp_path):
     np.savez(other, predicted=np.zeros(3))
     with pytest.raises(SystemExit, match=r"other\.npz: not a predictions file, missing label"):
         digit_errors.load_predictions(str(other))
+    text = tmp_path / "notes.npz"
+    text.write_text("not numpy")
+    with pytest.raises(SystemExit, match=r"notes\.npz: not a predictions file \("):
+        digit_errors.load_predictions(str(text))
 
 
 def test_pooled_runs_keep_each_runs_digits_apart():
@@ -159,13 +163,19 @@ def test_command_line_pairs_two_seeds(tmp_path):
             assert image.format == "PNG" and min(image.size) > 100
 
 
-def test_command_line_wants_pairs(tmp_path):
-    path = write(tmp_path / "a.npz", [1], [1], [1])
+@pytest.mark.parametrize(
+    "sources_b, message",
+    [(None, "give pairs of predictions files"), ([2], "read different source digits")],
+)
+def test_command_line_usage_errors(tmp_path, sources_b, message):
+    files = [write(tmp_path / "a.npz", [1], [1], [1])]
+    if sources_b:
+        files.append(write(tmp_path / "b.npz", [1], [1], sources_b))
     done = subprocess.run(
-        [sys.executable, "benchmarks/digit_errors.py", path],
+        [sys.executable, "benchmarks/digit_errors.py", *files],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "give pairs of predictions files" in done.stderr
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
