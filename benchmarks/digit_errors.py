@@ -19,6 +19,7 @@ paired by source digit, never by image.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import zipfile
@@ -158,35 +159,32 @@ def compare(a, b, names=("A", "B"), plots=None, out=sys.stdout):
         }
         if not tables:
             continue
+        labels = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(bins)]
         rows = [
-            [f"{low:g}-{high:g}"]
-            + [
-                f"{t[i][3]} of {t[i][2]} ({100 * t[i][3] / max(t[i][2], 1):.1f}%)"
-                for t in tables.values()
-            ]
-            for i, (low, high, _, _) in enumerate(bins_of(tables))
+            [label] + [f"{t[i][3]} of {t[i][2]} ({percent(t[i]):.1f}%)" for t in tables.values()]
+            for i, label in enumerate(labels)
         ]
         print(f"\nerrors by {what}, in degrees:", file=out)
         print_table(["degrees", *tables], rows, file=out)
         if plots:
-            plot_errors_by_angle(tables, what, os.path.join(plots, f"errors_by_{column}.png"))
+            path = os.path.join(plots, f"errors_by_{column}.png")
+            plot_errors_by_angle(tables, labels, what, path)
 
 
-def bins_of(tables):
-    """The (low, high, ...) bins of any one of `tables`: they all share them."""
-    return next(iter(tables.values()))
+def percent(angle_bin):
+    """The error % of one (low, high, images, errors) bin of `errors_by_angle` (0 if empty)."""
+    _, _, images, errors = angle_bin
+    return 100 * errors / max(images, 1)
 
 
-def plot_errors_by_angle(tables, what, path):
-    """A PNG bar chart of each model's error % per angle bin of `tables` (see `compare`)."""
+def plot_errors_by_angle(tables, labels, what, path):
+    """A PNG bar chart of each model's error % per angle bin (labelled `labels`) of `tables`
+    (see `compare`)."""
     from stn_model.visualize import plot_slice_metrics
 
     by_bin = {
-        f"{low:g}-{high:g} degrees": {
-            f"{name}: error %": 100 * table[i][3] / max(table[i][2], 1)
-            for name, table in tables.items()
-        }
-        for i, (low, high, _, _) in enumerate(bins_of(tables))
+        f"{label} degrees": {f"{name}: error %": percent(t[i]) for name, t in tables.items()}
+        for i, label in enumerate(labels)
     }
     plot_slice_metrics(by_bin, path, title=f"Errors by {what}", share_y=True)
     print(f"written: {path}")
