@@ -20,7 +20,9 @@ resolution (without their first 2x2 pool); `--localization-hidden-units N` ends 
 fully connected layer of N units; `--st-iterations N` lets the affine and projective
 transformers correct their transform N - 1 times (Lin & Lucey 2017; the TPS one stays at 1);
 `--st-output-size N` makes the ST models' transformers write N x N images (default 28).
-`--label-smoothing S` trains every model against labels smoothed by S.
+`--label-smoothing S` trains every model against labels smoothed by S. `--elastic-alpha A`
+(with `--redraw`) bends the training digits elastically before distorting them, anew every
+epoch: Simard et al. 2003's warp with sigma 4 px and strength A (34 in their paper and in E).
 It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
@@ -69,7 +71,14 @@ from _util import peak_rss_mib, print_table
 from digit_errors import error_over_digits, save_predictions
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, load_source, make_split, render
+from pipeline.distorted_mnist import (
+    E_SIGMA,
+    R_MAX_ANGLE,
+    SOURCE_SIZE,
+    load_source,
+    make_split,
+    render,
+)
 from stn_model.models import CNN_MIN_SIZE
 
 # isort: split
@@ -99,6 +108,7 @@ PICTURE_DIGITS = 8
 UPRIGHT_DEG = 15.0  # a rectified R digit this close to upright counts as turned back
 ROTATION_DIGITS = 2000  # the first eval digits that the rotation summary covers
 HALF_TURN_SYMMETRIC = (0, 1, 8)  # digits that look the same upside down
+WARP_STREAM = 7  # the elastic warps of a draw come from rng [seed, WARP_STREAM]
 
 
 def parse_args(argv=None):
@@ -118,6 +128,13 @@ def parse_args(argv=None):
         default=0.0,
         metavar="S",
         help="train every model against labels smoothed by S (0 to 1; default 0, none)",
+    )
+    parser.add_argument(
+        "--elastic-alpha",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="with --redraw: warp the training digits elastically (sigma 4 px, strength A)",
     )
     parser.add_argument(
         "--redraw",
@@ -213,6 +230,12 @@ def parse_args(argv=None):
         parser.error(f"--canvas must be at least {SOURCE_SIZE}, got {args.canvas}")
     if not 1 <= args.zoom <= 2:
         parser.error(f"--zoom must be 1 to 2, got {args.zoom:g}")
+    if not args.elastic_alpha >= 0:  # NaN too
+        parser.error(f"--elastic-alpha must be >= 0, got {args.elastic_alpha:g}")
+    if args.elastic_alpha and not args.redraw:
+        parser.error("--elastic-alpha needs --redraw (new warps every epoch)")
+    if args.elastic_alpha and args.zoom != 1:
+        parser.error("--elastic-alpha and --zoom do not combine")
     if args.zoom != 1 and list(args.variants) != ["r"]:
         parser.error(f"--zoom magnifies R digits only; give --variants r, got {args.variants}")
     if not 0 <= args.label_smoothing < 1:
@@ -288,16 +311,29 @@ class Redraws(keras.utils.Sequence):
 
 def training_draws(variant, args):
     """A cached function epoch -> (uint8 images, labels): draw e has seed `seed * 1000 + e`
-    (and on R, during `args.rotation_warmup`, rotations of at most `max_angle(e, args)`)."""
+    (and on R, during `args.rotation_warmup`, rotations of at most `max_angle(e, args)`; with
+    `args.elastic_alpha`, digits warped first, see `warped_again`)."""
 
     @functools.cache
     def draw(epoch):
-        images, labels, _ = draw_split(
-            variant, "train", args.seed * 1000 + epoch, max_angle(epoch, args), args
-        )
+        seed = args.seed * 1000 + epoch
+        images, labels, records = draw_split(variant, "train", seed, max_angle(epoch, args), args)
+        if args.elastic_alpha:
+            images = warped_again(variant, records, seed, args)
         return images, labels
 
     return draw
+
+
+def warped_again(variant, records, seed, args):
+    """The images of `records` drawn again from digits first warped elastically (Simard et al.
+    2003, sigma E_SIGMA, strength `args.elastic_alpha`), one field per image drawn from `seed`."""
+    field_seeds = np.random.default_rng([seed, WARP_STREAM]).integers(0, 2**31, len(records))
+    warps = [
+        {"alpha": args.elastic_alpha, "sigma": E_SIGMA, "field_seed": int(f)} for f in field_seeds
+    ]
+    digits = load_source()[0][[r["source_index"] for r in records]]
+    return render(variant, digits, [r["params"] for r in records], args.canvas, warps=warps)
 
 
 def max_angle(epoch, args):
@@ -520,6 +556,7 @@ def write_reports(results, args, command):
             "batch_size",
             "learning_rate",
             "label_smoothing",
+            "elastic_alpha",
             "seed",
             "jobs",
         )

@@ -169,12 +169,14 @@ def make_split(
     return images, labels[rows], records
 
 
-def render(variant, digits, params, canvas=42, chunk=2048):
+def render(variant, digits, params, canvas=42, chunk=2048, warps=None):
     """Draw `digits` (uint8 [N, 28, 28]) distorted by `variant` with per-image `params`.
 
     `params` is a list of N dicts as found in records / manifests. Returns uint8
     [N, canvas, canvas]. Identity params (angle 0, scale 1, no shift, no jitter, alpha 0)
-    give the digit unchanged, centred in the canvas.
+    give the digit unchanged, centred in the canvas. `warps`, a list of N dicts with `e`'s
+    "alpha", "sigma" and "field_seed", first warps each digit elastically by its field, then
+    distorts it by `variant`, with a single interpolation of the digit.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -184,11 +186,15 @@ def render(variant, digits, params, canvas=42, chunk=2048):
         raise ValueError(f"digits must have shape [N, 28, 28], got {digits.shape}")
     if len(params) != len(digits):
         raise ValueError(f"got {len(params)} params for {len(digits)} digits")
+    if warps is not None and len(warps) != len(digits):
+        raise ValueError(f"got {len(warps)} warps for {len(digits)} digits")
     out = np.empty((len(digits), canvas, canvas), dtype=np.uint8)
     for start in range(0, len(digits), chunk):
         part = slice(start, start + chunk)
         xs, ys = _canvas_grid(len(digits[part]), canvas)
         src_x, src_y = _INVERSE_MAPS[variant](params[part], xs, ys)
+        if warps is not None:
+            src_x, src_y = _warped(warps[part], src_x, src_y)
         values = _bilinear(digits[part], src_x, src_y)
         out[part] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return out
@@ -303,6 +309,13 @@ def _inverse_e(params, xs, ys):
     cols = _tent_weights(src_x[:, 0, :], SOURCE_SIZE)[:, None]  # [n, 1, C, 28]
     disp = rows @ _elastic_fields(params) @ cols.swapaxes(-1, -2)  # [n, 2, C, C]
     return src_x + disp[:, 0], src_y + disp[:, 1]
+
+
+def _warped(warps, xs, ys):
+    """Source positions [n, h, w] moved by each image's elastic field, sampled bilinearly at
+    them (zero off the source), as `_inverse_e` moves its scaled grid."""
+    fields = _elastic_fields(warps)
+    return xs + _bilinear(fields[:, 0], xs, ys), ys + _bilinear(fields[:, 1], xs, ys)
 
 
 def _elastic_fields(params):

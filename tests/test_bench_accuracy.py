@@ -84,6 +84,10 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--zoom", "1.2"],  # every distortion, where it magnifies R only
         ["--label-smoothing", "1"],
         ["--label-smoothing", "-0.1"],
+        ["--elastic-alpha", "34"],  # without --redraw
+        ["--elastic-alpha", "-1", "--redraw"],
+        ["--elastic-alpha", "nan", "--redraw"],
+        ["--elastic-alpha", "34", "--redraw", "--zoom", "1.2", "--variants", "r"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
@@ -259,6 +263,33 @@ def test_max_rotation_narrows_r_in_training_and_eval_and_leaves_the_rest():
     assert np.array_equal(
         bench_accuracy.load_split("rts", "eval", upright)[0],
         bench_accuracy.load_split("rts", "eval", default)[0],
+    )
+
+
+def test_elastic_alpha_bends_every_training_copy_anew_and_leaves_eval_alone():
+    argv = ["--redraw", "--epochs", "3", "--per-class", "2", "--max-rotation", "0"]
+    plain, bent = (
+        bench_accuracy.parse_args(argv),
+        bench_accuracy.parse_args([*argv, "--elastic-alpha", "16"]),
+    )
+    for epoch in (0, 1):
+        images, labels = bench_accuracy.training_draws("r", bent)(epoch)
+        upright, same_labels = bench_accuracy.training_draws("r", plain)(epoch)
+        assert np.array_equal(labels, same_labels)
+        # 8 upright copies of 20 digits: 20 distinct images unbent, 160 bent
+        assert len(np.unique(images.reshape(len(images), -1), axis=0)) == 160
+        changed = np.abs(images.astype(int) - upright).max(axis=(1, 2))
+        assert (changed > 30).mean() > 0.9
+        # still the same digit: most bent copies look most like their own upright digit
+        distinct, own = np.unique(upright.reshape(len(upright), -1), axis=0, return_inverse=True)
+        flat = images.reshape(len(images), -1).astype(float)
+        closest = np.corrcoef(flat, distinct)[: len(flat), len(flat) :].argmax(axis=1)
+        assert (closest == own.ravel()).mean() > 0.9
+    both = np.concatenate([bench_accuracy.training_draws("r", bent)(e)[0] for e in (0, 1)])
+    assert len(np.unique(both.reshape(len(both), -1), axis=0)) == 320  # new warps every epoch
+    assert np.array_equal(
+        bench_accuracy.load_split("r", "eval", bent)[0],
+        bench_accuracy.load_split("r", "eval", plain)[0],
     )
 
 

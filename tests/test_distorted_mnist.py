@@ -245,6 +245,35 @@ def test_e_matches_a_handwritten_simard_warp(source):
         assert np.abs(image.astype(int) - plain).max() > 50  # the field really moves ink
 
 
+def test_warps_bend_the_digit_before_it_turns(source):
+    digits, _ = source
+    _, _, records = dm.make_split("r", copies=1, canvas=42, seed=3, split="eval", per_class=2)
+    rows = digits[[r["source_index"] for r in records]]
+    params = [r["params"] for r in records]
+    warps = [{"alpha": 34.0, "sigma": 4.0, "field_seed": 100 + i} for i in range(len(rows))]
+    images = dm.render("r", rows, params, 42, warps=warps)
+    ys, xs = np.mgrid[0:42, 0:42] - dm.canvas_centre(42)
+    for image, digit, p, w in zip(images, rows, params, warps, strict=True):
+        t = np.deg2rad(p["angle_deg"])
+        qx = np.cos(t) * xs - np.sin(t) * ys + 13.5  # turned back onto the source
+        qy = np.sin(t) * xs + np.cos(t) * ys + 13.5
+        noise = np.random.default_rng(w["field_seed"]).uniform(-1, 1, (2, 28, 28))
+        field = w["alpha"] * np.stack([ndimage.gaussian_filter(f, w["sigma"]) for f in noise])
+        sx = qx + handwritten_bilinear(field[0], qx, qy)
+        sy = qy + handwritten_bilinear(field[1], qx, qy)
+        expected = handwritten_bilinear(digit.astype(float), sx, sy)
+        assert np.abs(image - expected).max() <= 1.0
+    assert np.abs(images.astype(int) - dm.render("r", rows, params, 42)).max() > 50
+    # Unturned, a warp is the elastic distortion at scale 1, computed the other way.
+    upright = dm.render("r", rows, [IDENTITY["r"]] * len(rows), 42, warps=warps)
+    elastic = dm.render("e", rows, [{**w, "scale": 1.0} for w in warps], 42)
+    assert np.abs(upright.astype(int) - elastic).max() <= 1
+    still = [{**w, "alpha": 0.0} for w in warps]
+    assert np.array_equal(
+        dm.render("r", rows, params, 42, warps=still), dm.render("r", rows, params, 42)
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -271,3 +300,5 @@ def test_render_rejects_bad_input(source):
         dm.render("r", digits, [IDENTITY["r"]])
     with pytest.raises(ValueError, match="variant"):
         dm.render("mixed", digits, [IDENTITY["r"]] * 2)
+    with pytest.raises(ValueError, match="warps"):
+        dm.render("r", digits, [IDENTITY["r"]] * 2, warps=[IDENTITY["e"]])
