@@ -55,6 +55,8 @@ one thread per process and two processes on the 2 cores (3,070 when R shared the
 other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way). All
 three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
 CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such runs at a time).
+`--elastic-alpha` makes drawing an epoch cost 18 CPU seconds instead of 5 (counted in the first
+model's fit).
 """
 
 import argparse
