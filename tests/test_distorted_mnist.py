@@ -227,6 +227,13 @@ def handwritten_bilinear(image, x, y):
     return out
 
 
+def handwritten_warp(p, qx, qy):
+    """Source positions qx, qy moved by the elastic field of params `p` (Simard et al. 2003)."""
+    noise = np.random.default_rng(p["field_seed"]).uniform(-1, 1, (2, 28, 28))
+    field = p["alpha"] * np.stack([ndimage.gaussian_filter(f, p["sigma"]) for f in noise])
+    return qx + handwritten_bilinear(field[0], qx, qy), qy + handwritten_bilinear(field[1], qx, qy)
+
+
 def test_e_matches_a_handwritten_simard_warp(source):
     digits, _ = source
     images, _, records = dm.make_split("e", copies=1, canvas=42, seed=2, split="eval")
@@ -234,11 +241,8 @@ def test_e_matches_a_handwritten_simard_warp(source):
     for image, record in list(zip(images, records, strict=True))[:30]:
         p = record["params"]
         assert 0.75 <= p["scale"] <= 1.0 and (p["alpha"], p["sigma"]) == (34.0, 4.0)
-        noise = np.random.default_rng(p["field_seed"]).uniform(-1, 1, (2, 28, 28))
-        field = p["alpha"] * np.stack([ndimage.gaussian_filter(f, p["sigma"]) for f in noise])
         qx, qy = xs / p["scale"] + 13.5, ys / p["scale"] + 13.5
-        sx = qx + handwritten_bilinear(field[0], qx, qy)
-        sy = qy + handwritten_bilinear(field[1], qx, qy)
+        sx, sy = handwritten_warp(p, qx, qy)
         expected = handwritten_bilinear(digits[record["source_index"]].astype(float), sx, sy)
         assert np.abs(image - expected).max() <= 1.0
         plain = dm.render("e", digits[[record["source_index"]]], [{**p, "alpha": 0.0}], 42)[0]
@@ -257,10 +261,7 @@ def test_warps_bend_the_digit_before_it_turns(source):
         t = np.deg2rad(p["angle_deg"])
         qx = np.cos(t) * xs - np.sin(t) * ys + 13.5  # turned back onto the source
         qy = np.sin(t) * xs + np.cos(t) * ys + 13.5
-        noise = np.random.default_rng(w["field_seed"]).uniform(-1, 1, (2, 28, 28))
-        field = w["alpha"] * np.stack([ndimage.gaussian_filter(f, w["sigma"]) for f in noise])
-        sx = qx + handwritten_bilinear(field[0], qx, qy)
-        sy = qy + handwritten_bilinear(field[1], qx, qy)
+        sx, sy = handwritten_warp(w, qx, qy)
         expected = handwritten_bilinear(digit.astype(float), sx, sy)
         assert np.abs(image - expected).max() <= 1.0
     assert np.abs(images.astype(int) - dm.render("r", rows, params, 42)).max() > 50
