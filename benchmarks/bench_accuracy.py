@@ -55,7 +55,7 @@ one thread per process and two processes on the 2 cores (3,070 when R shared the
 other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way). All
 three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
 CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such runs at a time).
-`--elastic-alpha` makes drawing an epoch cost 18 CPU seconds instead of 5 (counted in the first
+`--elastic-alpha` makes drawing an epoch cost 13 CPU seconds instead of 5 (counted in the first
 model's fit).
 """
 
@@ -73,14 +73,7 @@ from _util import peak_rss_mib, print_table
 from digit_errors import error_over_digits, save_predictions
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from pipeline.distorted_mnist import (
-    E_SIGMA,
-    R_MAX_ANGLE,
-    SOURCE_SIZE,
-    load_source,
-    make_split,
-    render,
-)
+from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, load_source, make_split, render
 from stn_model.models import CNN_MIN_SIZE
 
 # isort: split
@@ -110,7 +103,6 @@ PICTURE_DIGITS = 8
 UPRIGHT_DEG = 15.0  # a rectified R digit this close to upright counts as turned back
 ROTATION_DIGITS = 2000  # the first eval digits that the rotation summary covers
 HALF_TURN_SYMMETRIC = (0, 1, 8)  # digits that look the same upside down
-WARP_STREAM = 7  # the elastic warps of a draw come from rng [seed, WARP_STREAM]
 
 
 def parse_args(argv=None):
@@ -252,10 +244,10 @@ def as_inputs(images):
     return (images[..., None] / np.float32(255)).astype(np.float32)
 
 
-def draw_split(variant, split, seed, max_rotation, args):
+def draw_split(variant, split, seed, max_rotation, args, warp_alpha=0.0):
     """`make_split` on `args.canvas` with `args.copies` and `args.per_class`, R images turned
-    by at most `max_rotation` degrees and magnified `args.zoom` times: (uint8 images, labels,
-    records)."""
+    by at most `max_rotation` degrees and magnified `args.zoom` times, digits bent by elastic
+    warps of strength `warp_alpha`: (uint8 images, labels, records)."""
     images, labels, records = make_split(
         variant,
         args.copies,
@@ -264,6 +256,7 @@ def draw_split(variant, split, seed, max_rotation, args):
         split=split,
         per_class=args.per_class,
         max_angle=max_rotation,  # only R images turn
+        warp_alpha=warp_alpha,
     )
     if args.zoom != 1:
         images = magnified(records, args.zoom, args.canvas)
@@ -313,29 +306,22 @@ class Redraws(keras.utils.Sequence):
 
 def training_draws(variant, args):
     """A cached function epoch -> (uint8 images, labels): draw e has seed `seed * 1000 + e`
-    (and on R, during `args.rotation_warmup`, rotations of at most `max_angle(e, args)`; with
-    `args.elastic_alpha`, digits warped first, see `warped_again`)."""
+    (and on R, during `args.rotation_warmup`, rotations of at most `max_angle(e, args)`; digits
+    bent first by elastic warps of strength `args.elastic_alpha`)."""
 
     @functools.cache
     def draw(epoch):
-        seed = args.seed * 1000 + epoch
-        images, labels, records = draw_split(variant, "train", seed, max_angle(epoch, args), args)
-        if args.elastic_alpha:
-            images = warped_again(variant, records, seed, args)
+        images, labels, _ = draw_split(
+            variant,
+            "train",
+            args.seed * 1000 + epoch,
+            max_angle(epoch, args),
+            args,
+            warp_alpha=args.elastic_alpha,
+        )
         return images, labels
 
     return draw
-
-
-def warped_again(variant, records, seed, args):
-    """The images of `records` drawn again from digits first warped elastically (Simard et al.
-    2003, sigma E_SIGMA, strength `args.elastic_alpha`), one field per image drawn from `seed`."""
-    field_seeds = np.random.default_rng([seed, WARP_STREAM]).integers(0, 2**31, len(records))
-    warps = [
-        {"alpha": args.elastic_alpha, "sigma": E_SIGMA, "field_seed": int(f)} for f in field_seeds
-    ]
-    digits = load_source()[0][[r["source_index"] for r in records]]
-    return render(variant, digits, [r["params"] for r in records], args.canvas, warps=warps)
 
 
 def max_angle(epoch, args):

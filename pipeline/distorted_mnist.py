@@ -54,6 +54,7 @@ P_CENTRE_AREA = (0.4, 2.5)
 E_SCALE = (0.75, 1.0)
 E_ALPHA = 34.0
 E_SIGMA = 4.0
+WARP_STREAM = 7  # a split's warp fields come from rng [seed, WARP_STREAM], apart from the rest
 
 _SOURCE_CENTRE = (SOURCE_SIZE - 1) / 2
 # Corners of the source box (pixel centres, relative to its centre): TL, TR, BR, BL.
@@ -129,7 +130,14 @@ def _is_int(value):
 
 
 def make_split(
-    variant, copies, canvas=42, seed=1, split="train", per_class=None, max_angle=R_MAX_ANGLE
+    variant,
+    copies,
+    canvas=42,
+    seed=1,
+    split="train",
+    per_class=None,
+    max_angle=R_MAX_ANGLE,
+    warp_alpha=0.0,
 ):
     """Distort every source digit of `split` `copies` times; images come out shuffled.
 
@@ -137,14 +145,18 @@ def make_split(
     copies. `variant` is one of VARIANTS or "mixed" (a variant drawn per image, recorded in
     its record); `per_class` limits the source digits (see `source_indices`); `max_angle`
     narrows the rotation of R images to +-max_angle degrees (at most R_MAX_ANGLE; the rest of
-    the draw is unchanged, so a smaller angle turns the same digits the same way, less far).
-    The same arguments give the same arrays.
+    the draw is unchanged, so a smaller angle turns the same digits the same way, less far);
+    `warp_alpha` > 0 first bends each digit by its own elastic field (sigma E_SIGMA, strength
+    `warp_alpha`; recorded under "warp", see `render`'s `warps`), leaving the rest of the draw
+    unchanged. The same arguments give the same arrays.
     """
     check_split_args(variant, copies, canvas, seed, per_class)
     if isinstance(max_angle, bool) or not isinstance(max_angle, (int, float, np.number)):
         raise ValueError(f"max_angle must be a number of degrees, got {max_angle!r}")
     if not 0 <= max_angle <= R_MAX_ANGLE:
         raise ValueError(f"max_angle must be 0 to {R_MAX_ANGLE:g} degrees, got {max_angle!r}")
+    if not warp_alpha >= 0:  # NaN too
+        raise ValueError(f"warp_alpha must be >= 0, got {warp_alpha!r}")
     digits, labels = load_source()
     rows = np.tile(source_indices(split, per_class), copies)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -153,6 +165,13 @@ def make_split(
         kinds = np.asarray(VARIANTS)[rng.integers(len(VARIANTS), size=len(rows))]
     else:
         kinds = np.full(len(rows), variant)
+    warps = [None] * len(rows)
+    if warp_alpha:
+        field_seeds = np.random.default_rng([seed, WARP_STREAM]).integers(0, 2**31, len(rows))
+        warps = [
+            {"alpha": float(warp_alpha), "sigma": E_SIGMA, "field_seed": int(f)}
+            for f in field_seeds
+        ]
     images = np.empty((len(rows), canvas, canvas), dtype=np.uint8)
     records = [None] * len(rows)
     for kind in VARIANTS:
@@ -163,9 +182,12 @@ def make_split(
             functools.partial(_sample_r, max_angle=max_angle) if kind == "r" else _SAMPLERS[kind]
         )
         params = sample(rng, digits[rows[where]], canvas)
-        images[where] = render(kind, digits[rows[where]], params, canvas)
+        kind_warps = [warps[i] for i in where] if warp_alpha else None
+        images[where] = render(kind, digits[rows[where]], params, canvas, warps=kind_warps)
         for i, p in zip(where, params, strict=True):
             records[i] = {"source_index": int(rows[i]), "variant": kind, "params": p}
+            if warp_alpha:
+                records[i]["warp"] = warps[i]
     return images, labels[rows], records
 
 

@@ -275,6 +275,24 @@ def test_warps_bend_the_digit_before_it_turns(source):
     )
 
 
+def test_make_split_warp_alpha_bends_the_same_draw_and_records_the_warps(source):
+    digits, _ = source
+    plain, labels, records = dm.make_split("mixed", 2, seed=4, split="eval", per_class=2)
+    bent, bent_labels, bent_records = dm.make_split(
+        "mixed", 2, seed=4, split="eval", per_class=2, warp_alpha=16
+    )
+    assert np.array_equal(labels, bent_labels)
+    assert [{k: r[k] for k in r if k != "warp"} for r in bent_records] == records
+    assert np.abs(bent.astype(int) - plain).max(axis=(1, 2)).min() > 0
+    for kind in dm.VARIANTS:  # the records redraw their bent images
+        picked = [i for i, r in enumerate(bent_records) if r["variant"] == kind]
+        rows = digits[[bent_records[i]["source_index"] for i in picked]]
+        params = [bent_records[i]["params"] for i in picked]
+        warps = [bent_records[i]["warp"] for i in picked]
+        assert {w["alpha"] for w in warps} == {16.0}
+        assert np.array_equal(dm.render(kind, rows, params, 42, warps=warps), bent[picked])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -285,6 +303,8 @@ def test_warps_bend_the_digit_before_it_turns(source):
         ({"seed": -1}, "seed"),
         ({"split": "test"}, "split"),
         ({"per_class": 0}, "per_class"),
+        ({"warp_alpha": -1}, "warp_alpha"),
+        ({"warp_alpha": float("nan")}, "warp_alpha"),
     ],
 )
 def test_make_split_rejects_bad_arguments(kwargs, message):
