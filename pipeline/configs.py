@@ -19,7 +19,15 @@ from components.multiworker_config import MultiWorkerConfig
 
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
 # The names stn_model.models.build_model knows (not imported here: it loads TensorFlow).
-MODELS = ("cnn", "st_cnn_affine", "st_cnn_projective", "st_cnn_tps", "fcn", "st_fcn")
+MODELS = (
+    "cnn",
+    "st_cnn_affine",
+    "st_cnn_similarity",
+    "st_cnn_projective",
+    "st_cnn_tps",
+    "fcn",
+    "st_fcn",
+)
 
 
 @dataclasses.dataclass(frozen=True)

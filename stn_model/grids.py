@@ -71,6 +71,26 @@ def projective_grid(theta, output_size, align_corners=False):
     return uvw[..., :2] / uvw[..., 2:]
 
 
+def similarity_matrices(theta):
+    """Similarity parameters [B, 4] = (a, b, tx, ty) -> affine matrices [B, 2, 3].
+
+    The matrix is [[a, -b, tx], [b, a, ty]]: with a = s cos(r) and b = s sin(r), a turn by r
+    and a uniform scaling by s, then a shift by (tx, ty).
+    """
+    a, b, tx, ty = tf.unstack(theta, axis=-1)
+    return tf.reshape(tf.stack([a, -b, tx, b, a, ty], axis=-1), [-1, 2, 3])
+
+
+def similarity_grid(theta, output_size, align_corners=False):
+    """Sampling grid for similarity transforms theta [B, 4] = (a, b, tx, ty).
+
+    The output pixel (x, y) samples the input at (a x - b y + tx, b x + a y + ty): rotation,
+    uniform scale and translation only, the distortions of RTS (see `similarity_matrices`).
+    """
+    theta = _parameters(theta, "theta", [(4,)])
+    return _apply_matrices(similarity_matrices(theta), output_size, align_corners)
+
+
 def tps_control_points(grid_size, dtype=np.float64):
     """The K x K regular control points [K*K, 2] over [-1, 1] (x varies fastest)."""
     steps = np.linspace(-1.0, 1.0, grid_size)

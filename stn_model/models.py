@@ -15,10 +15,14 @@ networks) reproduce them:
 |---------------------|--------------------------------------|-------------------------------|
 | `cnn`               | none                                 | CNN on the input              |
 | `st_cnn_affine`     | CNN localization, affine (6)         | CNN on the rectified image    |
+| `st_cnn_similarity` | CNN localization, similarity (4)     | CNN on the rectified image    |
 | `st_cnn_projective` | CNN localization, projective (8)     | CNN on the rectified image    |
 | `st_cnn_tps`        | CNN localization, TPS K x K (2*K*K)  | CNN on the rectified image    |
 | `fcn`               | none                                 | FCN on the input              |
 | `st_fcn`            | FCN localization, affine (6)         | FCN on the rectified image    |
+
+The paper's Table 1 has no projective or similarity ST-CNN; the similarity transform (turn,
+uniform scale, shift) is the one that R and RTS distort by.
 
 - CNN classifier: conv 9x9, 32 filters - max-pool 2x2 - conv 7x7, 32 filters - max-pool 2x2 -
   softmax (convolutions "valid", so it needs at least a 24 x 24 input).
@@ -33,11 +37,12 @@ then sees a 28 x 28 rectified crop, which is cheaper and more accurate than the 
 whole canvas (measured: /work/shared/STACK.md, last section). An option, off by default:
 `full_resolution_localization=True` drops the CNN localization net's first max-pool (on
 elastic digits it gave fewer errors: benchmarks/results/full_resolution_localization/).
-Another, also off by default: `st_iterations=N` runs the affine or projective transformer's
-localization net N times, each pass correcting the transform found so far (Lin & Lucey 2017;
-`SpatialTransformer`'s `iterations`). And `localization_hidden_units=N` ends the CNN
-localization net with a fully connected layer of N units; with the other two options it gave
-R's lowest error (benchmarks/results/two_pass_full_resolution_hidden/).
+Another, also off by default: `st_iterations=N` runs the transformer's localization net N
+times, each pass correcting the transform found so far (Lin & Lucey 2017;
+`SpatialTransformer`'s `iterations`, where a TPS transformer finds an affine transform in its
+first N - 1 passes). And `localization_hidden_units=N` ends the CNN localization net with a
+fully connected layer of N units; with the other two options it gave R's lowest error
+(benchmarks/results/two_pass_full_resolution_hidden/).
 
 For a trained ST model, `rectifier(model)` gives the sub-model images -> rectified image (what
 the classifier sees; the trainer exports it as the `rectify` signature), and
@@ -50,9 +55,18 @@ import tf_keras as keras
 from stn_model.checks import check_int, check_positive_ints
 from stn_model.layers import SpatialTransformer
 
-MODEL_NAMES = ("cnn", "st_cnn_affine", "st_cnn_projective", "st_cnn_tps", "fcn", "st_fcn")
+MODEL_NAMES = (
+    "cnn",
+    "st_cnn_affine",
+    "st_cnn_similarity",
+    "st_cnn_projective",
+    "st_cnn_tps",
+    "fcn",
+    "st_fcn",
+)
 _ST_CNN_TRANSFORMS = {
     "st_cnn_affine": "affine",
+    "st_cnn_similarity": "similarity",
     "st_cnn_projective": "projective",
     "st_cnn_tps": "tps",
 }
@@ -145,8 +159,8 @@ def build_model(
       (see `cnn_localization`); ignored by the other models.
     localization_hidden_units: None, or the units of a fully connected ReLU layer at the end
       of an ST-CNN's localization net (see `cnn_localization`); ignored by the other models.
-    st_iterations: passes of the affine or projective transformer (`SpatialTransformer`'s
-      `iterations`); must be 1 for `st_cnn_tps`, ignored by the models without a transformer.
+    st_iterations: passes of the transformer (`SpatialTransformer`'s `iterations`); ignored by
+      the models without a transformer.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")

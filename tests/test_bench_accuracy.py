@@ -35,7 +35,9 @@ def test_small_preset_and_overrides():
         (["--full-resolution-localization"], "st_cnn_affine", 2000, 1, 28),
         (["--localization-hidden-units", "50"], "st_cnn_affine", 50, 1, 28),
         (["--st-iterations", "2"], "st_cnn_affine", 500, 2, 28),
-        (["--st-iterations", "2"], "st_cnn_tps", 500, 1, 28),  # TPS does not compose
+        (["--st-iterations", "2"], "st_cnn_tps", 500, 1, 28),  # TPS has its own option
+        (["--tps-iterations", "2"], "st_cnn_tps", 500, 2, 28),
+        (["--tps-iterations", "2"], "st_cnn_affine", 500, 1, 28),
         (["--st-output-size", "42"], "st_cnn_affine", 500, 1, 42),
     ],
 )
@@ -70,6 +72,7 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--models", "vgg"],
         ["--jobs", "0"],
         ["--st-iterations", "0"],
+        ["--tps-iterations", "0"],
         ["--localization-hidden-units", "0"],
         ["--per-class", "0"],
         ["--rotation-warmup", "2"],  # without --redraw
@@ -110,6 +113,14 @@ def test_label_smoothing_moves_the_target_off_the_label():
     assert float(plain) == pytest.approx(expected, rel=1e-5)
 
 
+def test_every_model_can_be_chosen_and_the_full_run_is_the_documented_six():
+    from stn_model import MODEL_NAMES
+
+    assert sorted(bench_accuracy.MODELS) == sorted(MODEL_NAMES)
+    assert len(bench_accuracy.FULL["models"]) == 6
+    assert "st_cnn_similarity" not in bench_accuracy.FULL["models"]
+
+
 def test_error_table_puts_ours_beside_the_paper():
     args = bench_accuracy.parse_args(
         ["--variants", "rts", "e", "--models", "cnn", "st_cnn_projective"]
@@ -140,6 +151,7 @@ def test_goals_compare_the_cut_with_the_papers():
         "r/st_cnn_tps": run(1.5),
         "e/cnn": run(2.0),
         "e/st_cnn_tps": run(1.5),
+        "e/st_cnn_similarity": run(1.6),
     }
     lines = bench_accuracy.goal_lines(results, args)
     assert lines == [
@@ -147,6 +159,7 @@ def test_goals_compare_the_cut_with_the_papers():
         "- RTS: st_cnn_affine error 1.00% <= 2.0%: met",
         "- R: st_cnn_tps 1.50% vs cnn 2.00%: 25% fewer errors (paper's ST-CNN cut 42%): NOT met",
         "- E: st_cnn_tps 1.50% vs cnn 2.00%: 25% fewer errors (paper's ST-CNN cut 21%): met",
+        "- E: st_cnn_similarity 1.60% vs cnn 2.00%: 20% fewer errors (paper's ST-CNN cut 14%): met",
     ]
 
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from scipy.interpolate import RBFInterpolator
 
-from stn_model import affine_grid, projective_grid, tps_grid
+from stn_model import affine_grid, projective_grid, similarity_grid, tps_grid
 from stn_model.grids import tps_control_points
 
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -58,6 +58,22 @@ def test_projective_grid_divides_by_the_third_coordinate(align_corners):
     np.testing.assert_allclose(projective_grid(theta, (4, 6), align_corners), expected, atol=1e-14)
     eight = theta.reshape(2, 9)[:, :8]
     np.testing.assert_allclose(projective_grid(eight, (4, 6), align_corners), expected, atol=1e-14)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_similarity_grid_turns_scales_and_shifts(align_corners):
+    # (a, b) = s (cos r, sin r): each output point p samples s R(r) p + t.
+    turn, scale, shift = np.radians([90.0, -30.0]), np.array([2.0, 0.6]), [[0.5, -0.25], [0, 0.1]]
+    theta = np.stack([scale * np.cos(turn), scale * np.sin(turn), *np.transpose(shift)], axis=1)
+    points = homogeneous_output_points(3, 5, align_corners)[..., :2]
+    for b in range(2):
+        c, s = np.cos(turn[b]), np.sin(turn[b])
+        expected = scale[b] * points @ np.array([[c, -s], [s, c]]).T + shift[b]
+        grid = similarity_grid(theta[b : b + 1], (3, 5), align_corners).numpy()[0]
+        np.testing.assert_allclose(grid, expected, atol=1e-14)
+    # by hand: a quarter turn doubled maps the output's right edge centre (1, 0) to (0.5, 1.75)
+    right_edge = similarity_grid(theta[:1], (1, 3), align_corners=True).numpy()[0, 0, 2]
+    np.testing.assert_allclose(right_edge, [0.5, 1.75], atol=1e-14)
 
 
 def test_projective_grid_with_an_affine_matrix_is_the_affine_grid():
@@ -139,6 +155,7 @@ def test_grids_with_an_unknown_batch_size_in_tf_function():
         (affine_grid, np.zeros(6), r"theta must have shape .*got \(6,\)"),
         (projective_grid, np.zeros((2, 2, 3)), r"\[B, 3, 3\] or \[B, 8\], got \(2, 2, 3\)"),
         (projective_grid, np.zeros((2, 9)), r"theta must have shape .*got \(2, 9\)"),
+        (similarity_grid, np.zeros((2, 6)), r"theta must have shape \[B, 4\], got \(2, 6\)"),
         (tps_grid, np.zeros((2, 15)), r"control_points must have shape .*got \(2, 15\)"),
         (tps_grid, np.zeros((2, 1, 2)), r"K >= 2, got \(2, 1, 2\)"),
         (tps_grid, np.zeros((2, 9, 3)), r"control_points must have shape .*got \(2, 9, 3\)"),

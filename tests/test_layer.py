@@ -8,7 +8,7 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 
 from stn_model import SpatialTransformer, affine_grid, bilinear_sample
-from stn_model.grids import projective_grid, tps_control_points
+from stn_model.grids import projective_grid, similarity_grid, tps_control_points, tps_grid
 from stn_model.layers import TRANSFORMS, identity_parameters
 
 RNG = np.random.default_rng(0)
@@ -25,9 +25,11 @@ def images(batch=3, height=12, width=10, channels=2):
 
 
 def perturb_head(layer, scale=0.05):
-    """Moves the head off the identity so outputs depend on the input (and on every weight)."""
-    kernel, bias = layer.head.get_weights()
-    layer.head.set_weights([RNG.normal(0, scale, kernel.shape).astype(np.float32), bias])
+    """Moves the heads off the identity so outputs depend on the input (and on every weight)."""
+    for head in (layer.head, layer.affine_head):
+        if head is not None:
+            kernel, bias = head.get_weights()
+            head.set_weights([RNG.normal(0, scale, kernel.shape).astype(np.float32), bias])
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -44,6 +46,7 @@ def test_identity_at_initialisation_returns_the_input(transform):
 def test_identity_parameters_match_the_grid_generators_conventions():
     np.testing.assert_array_equal(identity_parameters("affine"), [1, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(identity_parameters("projective"), [1, 0, 0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(identity_parameters("similarity"), [1, 0, 0, 0])
     np.testing.assert_array_equal(identity_parameters("tps", 3), tps_control_points(3).ravel())
     assert identity_parameters("tps", 5).shape == (50,)
 
@@ -135,6 +138,8 @@ def test_works_in_sequential_and_functional_models():
         ("tps", "model.keras", 1),
         ("affine", "saved_model", 1),
         ("projective", "model.keras", 2),
+        ("similarity", "model.keras", 2),
+        ("tps", "model.h5", 3),
         ("affine", "saved_model", 2),
     ],
 )
@@ -161,15 +166,33 @@ def test_saved_model_serves_without_the_layer_class(tmp_path):
 
 
 def as_matrix(parameters, transform):
-    """Flat affine (6) or projective (8) parameters -> 3 x 3 NumPy matrix."""
+    """Flat affine (6), similarity (4) or projective (8) parameters -> 3 x 3 NumPy matrix."""
+    if transform == "similarity":
+        a, b, tx, ty = parameters
+        return np.array([[a, -b, tx], [b, a, ty], [0, 0, 1]], np.float64)
     last = [0, 0, 1] if transform == "affine" else [1]
     return np.append(np.asarray(parameters, np.float64), last).reshape(3, 3)
+
+
+def as_parameters(matrix, transform):
+    """3 x 3 NumPy matrix -> flat parameters, the inverse of `as_matrix`."""
+    if transform == "similarity":
+        return matrix[[0, 1, 0, 1], [0, 0, 2, 2]]
+    return (matrix / matrix[2, 2]).ravel()[: 6 if transform == "affine" else 8]
+
+
+GRID_GENERATORS = {
+    "affine": affine_grid,
+    "similarity": similarity_grid,
+    "projective": projective_grid,
+}
 
 
 @pytest.mark.parametrize(
     ("transform", "parameters"),
     [
         ("affine", [0.9, -0.3, 0.1, 0.25, 0.8, -0.05]),
+        ("similarity", [0.8, 0.45, 0.1, -0.05]),
         ("projective", [0.9, -0.3, 0.1, 0.25, 0.8, -0.05, 0.1, -0.2]),
     ],
 )
@@ -180,12 +203,12 @@ def test_iterations_compose_the_transform_with_itself_for_a_constant_head(transf
     layer(x)
     kernel, _ = layer.head.get_weights()
     layer.head.set_weights([kernel, np.float32(parameters)])
-    matrix = np.linalg.matrix_power(as_matrix(parameters, transform), 3)
-    expected = (matrix / matrix[2, 2]).ravel()[: len(parameters)]
+    expected = as_parameters(np.linalg.matrix_power(as_matrix(parameters, transform), 3), transform)
     rectified, composed, grid = layer.rectify(x)
     np.testing.assert_allclose(composed.numpy(), np.tile(expected, (3, 1)), atol=1e-5)
-    generate = affine_grid if transform == "affine" else projective_grid
-    expected_grid = generate(np.tile(np.float32(expected), (3, 1)), (9, 7)).numpy()
+    expected_grid = GRID_GENERATORS[transform](
+        np.tile(np.float32(expected), (3, 1)), (9, 7)
+    ).numpy()
     np.testing.assert_allclose(grid.numpy(), expected_grid, atol=1e-5)
     np.testing.assert_allclose(
         rectified.numpy(), bilinear_sample(x, expected_grid).numpy(), atol=1e-5
@@ -206,6 +229,46 @@ def test_each_iteration_looks_at_the_input_warped_by_the_transform_so_far():
     ]
     assert np.abs(second - identity_parameters("affine")).max() > 1e-2  # a real correction
     np.testing.assert_allclose(layer.rectify(x)[1].numpy(), expected, atol=1e-5)
+
+
+def tps_layer_with_a_constant_affine(affine, iterations):
+    """A TPS transformer of `iterations` passes whose affine head always predicts `affine` and
+    whose spline head looks at the image."""
+    layer = SpatialTransformer(small_localization(), (9, 7), transform="tps", iterations=iterations)
+    x = images()
+    layer(x)
+    perturb_head(layer, scale=0.5)
+    kernel, _ = layer.affine_head.get_weights()
+    layer.affine_head.set_weights([np.zeros_like(kernel), np.float32(affine)])
+    return layer, x
+
+
+@pytest.mark.parametrize("iterations", [2, 3])
+def test_tps_iterations_find_an_affine_then_the_spline_on_the_image_it_rectified(iterations):
+    affine = [0.9, -0.3, 0.1, 0.25, 0.8, -0.05]
+    layer, x = tps_layer_with_a_constant_affine(affine, iterations)
+    # N - 1 passes of a constant affine head compose to its matrix to the power N - 1.
+    matrix = np.linalg.matrix_power(as_matrix(affine, "affine"), iterations - 1)
+    warped = bilinear_sample(x, affine_grid(np.tile(np.float32(matrix[:2]), (3, 1, 1)), (12, 10)))
+    targets = layer.transform_parameters(warped).numpy().reshape(3, 16, 2)
+    assert np.abs(targets - tps_control_points(4)).max() > 1e-2  # a real spline
+    rectified, parameters, grid = layer.rectify(x)
+    # The composed warp: each output pixel samples the affine image of the spline's point.
+    spline = tps_grid(targets, (9, 7)).numpy()
+    expected_grid = spline @ matrix[:2, :2].T + matrix[:2, 2]
+    np.testing.assert_allclose(grid.numpy(), expected_grid, atol=1e-5)
+    mapped_targets = targets @ matrix[:2, :2].T + matrix[:2, 2]
+    np.testing.assert_allclose(parameters.numpy(), mapped_targets.reshape(3, 32), atol=1e-5)
+    np.testing.assert_allclose(
+        rectified.numpy(), bilinear_sample(x, expected_grid).numpy(), atol=1e-5
+    )
+
+
+def test_one_pass_tps_has_no_affine_head():
+    layer = SpatialTransformer(small_localization(), (4, 4), transform="tps")
+    assert layer.affine_head is None
+    layer(images())
+    assert [w.shape for w in layer.head.weights] == [(4, 32), (32,)]
 
 
 def test_iterations_need_a_fixed_input_size():
@@ -242,7 +305,7 @@ def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"transform": "similarity"}, "transform must be one of"),
+        ({"transform": "rigid"}, "transform must be one of"),
         ({"output_size": (0, 4)}, "output_size must be positive"),
         ({"output_size": "big"}, "output_size must be"),
         ({"padding_mode": "reflect"}, "padding_mode must be one of"),
@@ -250,7 +313,6 @@ def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
         ({"localization_net": np.zeros(3)}, "localization_net must be a Keras layer"),
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"iterations": True}, "iterations must be an integer >= 1"),
-        ({"transform": "tps", "iterations": 2}, "iterations > 1 needs a transform of"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

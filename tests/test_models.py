@@ -39,6 +39,12 @@ def test_each_model_builds_gives_probabilities_and_trains_one_step(name):
         assert np.array_equal(old, weight.numpy()) == (weight.name in frozen), weight.name
 
 
+def test_the_pipeline_config_knows_every_model():
+    from pipeline.configs import MODELS  # a TF-free copy of the names
+
+    assert MODELS == MODEL_NAMES
+
+
 def dense_units(layers):
     return [layer.units for layer in layers if isinstance(layer, keras.layers.Dense)]
 
@@ -59,6 +65,7 @@ def test_cnn_has_the_documented_sizes():
     ("name", "transform", "head_units"),
     [
         ("st_cnn_affine", "affine", 6),
+        ("st_cnn_similarity", "similarity", 4),
         ("st_cnn_projective", "projective", 8),
         ("st_cnn_tps", "tps", 32),
     ],
@@ -123,8 +130,9 @@ def test_st_iterations_reach_the_transformer():
     twice = build_model("st_cnn_projective", st_iterations=2)
     assert find_spatial_transformer(twice).iterations == 2
     assert twice.count_params() == once.count_params()  # the passes share their weights
-    with pytest.raises(ValueError, match="iterations > 1 needs a transform"):
-        build_model("st_cnn_tps", st_iterations=2)
+    # TPS passes add an affine head of 6 units on the 500 pooled features.
+    tps_once, tps_twice = build_model("st_cnn_tps"), build_model("st_cnn_tps", st_iterations=2)
+    assert tps_twice.count_params() == tps_once.count_params() + 500 * 6 + 6
 
 
 def test_tps_grid_size_sets_the_head():
