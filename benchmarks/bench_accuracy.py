@@ -58,7 +58,8 @@ other runs: oversubscribed cores inflate CPU seconds, so compare runs made the s
 three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
 CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such runs at a time).
 `--elastic-alpha` makes drawing an epoch cost 13 CPU seconds instead of 5 (counted in the first
-model's fit).
+model's fit). The TPS ST-CNN with `--tps-iterations 3` and both localization options: 1,415 to
+1,445 CPU seconds; the similarity ST-CNN costs what the affine one does.
 """
 
 import argparse

@@ -197,7 +197,7 @@ class SpatialTransformer(keras.layers.Layer):
         """The flat transform parameters [B, P] (float32) `head` (default: the head of the
         layer's transform) predicts for `images`."""
         features = self.flatten(self.localization_net(images, training=training))
-        return (head or self.head)(features)
+        return (self.head if head is None else head)(features)
 
     def rectify(self, images, training=None):
         """(rectified [B, out_h, out_w, C], parameters [B, P] float32, grid [B, out_h, out_w, 2]).
