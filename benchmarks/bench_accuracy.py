@@ -77,14 +77,14 @@ from digit_errors import error_over_digits, save_predictions
 
 import stn_model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from pipeline.distorted_mnist import R_MAX_ANGLE, SOURCE_SIZE, load_source, make_split, render
-from stn_model.models import CNN_MIN_SIZE
+from stn_model.models import CNN_MIN_SIZE, MODEL_NAMES
 
 # isort: split
 import tf_keras as keras
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("r", "rts", "p", "e")
-TABLE_MODELS = ("cnn", "st_cnn_affine", "st_cnn_projective", "st_cnn_tps", "fcn", "st_fcn")
+TABLE_MODELS = tuple(m for m in MODEL_NAMES if m != "st_cnn_similarity")  # the full run's six
 MODELS = (*TABLE_MODELS, "st_cnn_similarity")
 ST_CNN_MODELS = tuple(m for m in MODELS if m.startswith("st_cnn"))
 # Jaderberg et al. 2015, Table 1 (left), % test error; the paper has no projective or

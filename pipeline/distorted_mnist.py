@@ -165,7 +165,7 @@ def make_split(
         kinds = np.asarray(VARIANTS)[rng.integers(len(VARIANTS), size=len(rows))]
     else:
         kinds = np.full(len(rows), variant)
-    warps = [None] * len(rows)
+    warps = None
     if warp_alpha:
         field_seeds = np.random.default_rng([seed, WARP_STREAM]).integers(0, 2**31, len(rows))
         warps = [
@@ -182,11 +182,11 @@ def make_split(
             functools.partial(_sample_r, max_angle=max_angle) if kind == "r" else _SAMPLERS[kind]
         )
         params = sample(rng, digits[rows[where]], canvas)
-        kind_warps = [warps[i] for i in where] if warp_alpha else None
+        kind_warps = None if warps is None else [warps[i] for i in where]
         images[where] = render(kind, digits[rows[where]], params, canvas, warps=kind_warps)
         for i, p in zip(where, params, strict=True):
             records[i] = {"source_index": int(rows[i]), "variant": kind, "params": p}
-            if warp_alpha:
+            if warps is not None:
                 records[i]["warp"] = warps[i]
     return images, labels[rows], records
 
