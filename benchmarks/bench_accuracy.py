@@ -25,6 +25,11 @@ transformer N - 1 passes that find an affine transform before the one that finds
 `--label-smoothing S` trains every model against labels smoothed by S. `--elastic-alpha A`
 (with `--redraw`) bends the training digits elastically before distorting them, anew every
 epoch: Simard et al. 2003's warp with sigma 4 px and strength A (34 in their paper and in E).
+`--equivariance-weight W` adds W times a rotation equivariance loss to the ST models'
+training (stn_model/equivariance.py: each training image is turned again by up to
++-`--equivariance-angle` degrees, and the transform found for it should be the turn composed
+with the transform found for the image as it is); it needs no labels, and the CNN has nothing
+it could apply to.
 It reports the test error on the eval split (the 500 held-out digits x `--copies`, never
 seen in training) beside Table 1 of Jaderberg et al. 2015 (arXiv 1506.02025), with training
 time and peak RSS, and writes `accuracy.md`, `accuracy.json` and pictures per distortion
@@ -138,6 +143,20 @@ def parse_args(argv=None):
         help="with --redraw: warp the training digits elastically (sigma 4 px, strength A)",
     )
     parser.add_argument(
+        "--equivariance-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="train the ST models' transformers with W times the rotation equivariance loss",
+    )
+    parser.add_argument(
+        "--equivariance-angle",
+        type=float,
+        default=45.0,
+        metavar="DEG",
+        help="the equivariance loss turns training images by up to +-DEG degrees (default 45)",
+    )
+    parser.add_argument(
         "--redraw",
         action="store_true",
         help="distort the training digits anew every epoch instead of reusing one draw",
@@ -249,6 +268,12 @@ def parse_args(argv=None):
         parser.error(f"--zoom magnifies R digits only; give --variants r, got {args.variants}")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be 0 to 1 (1 excluded), got {args.label_smoothing:g}")
+    if not args.equivariance_weight >= 0:
+        parser.error(f"--equivariance-weight must be >= 0, got {args.equivariance_weight:g}")
+    if not 0 < args.equivariance_angle <= 180:
+        parser.error(f"--equivariance-angle must be in (0, 180], got {args.equivariance_angle:g}")
+    if args.equivariance_weight and "st_cnn_tps" in args.models:
+        parser.error("--equivariance-weight needs composable transforms; drop st_cnn_tps")
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     return args
@@ -375,6 +400,7 @@ def train(name, fit_input, train_images, evaluation, args):
     """Train one model with the shared recipe on `fit_input()` (see `training_set`), checking
     on `evaluation` (eval images, labels) every epoch; -> (model, history, fit wall s, fit CPU s).
     """
+    from stn_model.equivariance import with_rotation_equivariance
     from stn_model.models import build_model
 
     eval_x, eval_y = evaluation
@@ -388,15 +414,20 @@ def train(name, fit_input, train_images, evaluation, args):
         localization_hidden_units=args.localization_hidden_units,
         st_iterations=args.tps_iterations if name == "st_cnn_tps" else args.st_iterations,
     )
+    fitted = model
+    if args.equivariance_weight and name.startswith("st_"):
+        fitted = with_rotation_equivariance(
+            model, args.equivariance_weight, args.equivariance_angle
+        )
     steps = args.epochs * int(np.ceil(train_images / args.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, steps)
-    model.compile(
+    fitted.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=classification_loss(args.label_smoothing),
         metrics=["accuracy"],
     )
     wall, cpu = time.perf_counter(), time.process_time()
-    history = model.fit(
+    history = fitted.fit(
         **fit_input(),
         epochs=args.epochs,
         validation_data=(eval_x, eval_y),
@@ -561,6 +592,8 @@ def write_reports(results, args, command):
             "learning_rate",
             "label_smoothing",
             "elastic_alpha",
+            "equivariance_weight",
+            "equivariance_angle",
             "seed",
             "jobs",
         )

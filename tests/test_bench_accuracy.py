@@ -39,6 +39,7 @@ def test_small_preset_and_overrides():
         (["--tps-iterations", "2"], "st_cnn_tps", 500, 2, 28),
         (["--tps-iterations", "2"], "st_cnn_affine", 500, 1, 28),
         (["--st-output-size", "42"], "st_cnn_affine", 500, 1, 42),
+        (["--equivariance-weight", "1"], "st_cnn_projective", 500, 1, 28),
     ],
 )
 def test_transformer_options_reach_the_trained_model(option, name, features, iterations, side):
@@ -91,6 +92,11 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
         ["--elastic-alpha", "-1", "--redraw"],
         ["--elastic-alpha", "nan", "--redraw"],
         ["--elastic-alpha", "34", "--redraw", "--zoom", "1.2", "--variants", "r"],
+        ["--equivariance-weight", "-1"],
+        ["--equivariance-weight", "nan"],
+        ["--equivariance-weight", "1", "--models", "cnn", "st_cnn_tps"],
+        ["--equivariance-angle", "0"],
+        ["--equivariance-angle", "181"],
     ],
 )
 def test_bad_options_exit_with_usage_error(argv, capsys):
