@@ -29,10 +29,9 @@ def turn_parameters(angles):
 
 def _turn_as(transform, angles):
     """Turns by `angles` as flat parameters of `transform` (laid out as `identity_parameters`)."""
-    if transform == "similarity":
-        zero = tf.zeros_like(angles)
-        return tf.stack([tf.cos(angles), tf.sin(angles), zero, zero], axis=1)
     affine = turn_parameters(angles)
+    if transform == "similarity":  # (a, b, tx, ty) of [[a, -b, tx], [b, a, ty]]
+        return tf.gather(affine, [0, 3, 2, 5], axis=1)
     if transform == "projective":
         return tf.concat([affine, tf.zeros_like(affine[:, :2])], axis=1)
     return affine
@@ -50,14 +49,6 @@ def turned(images, angles, size=None, align_corners=False):
     return bilinear_sample(images, grid, align_corners=align_corners)
 
 
-def _check_composable(transformer):
-    if transformer.transform not in COMPOSABLE_TRANSFORMS:
-        raise ValueError(
-            f"rotation equivariance needs a transform of {COMPOSABLE_TRANSFORMS}, "
-            f"got {transformer.transform!r}"
-        )
-
-
 def equivariance_loss(transformer, images, angles, training=None):
     """mean((M(turned images) - R(angles) M(images))^2) over the batch and the parameters.
 
@@ -65,10 +56,9 @@ def equivariance_loss(transformer, images, angles, training=None):
     is serves as a fixed target, so the loss pulls M(x') to it instead of pulling both sides
     together, which a transform shrunk towards a point (zero matrix, zero loss) would do.
     """
-    _check_composable(transformer)
     angles = tf.cast(angles, tf.float32)
-    _, found, _ = transformer.rectify(images, training=training)
-    _, found_turned, _ = transformer.rectify(
+    found = transformer.find_transform(images, training=training)
+    found_turned = transformer.find_transform(
         turned(images, angles, transformer.input_size, transformer.align_corners),
         training=training,
     )
@@ -85,7 +75,11 @@ class RotationEquivariance(keras.layers.Layer):
         super().__init__(**kwargs)
         if not isinstance(transformer, SpatialTransformer):
             raise ValueError(f"transformer must be a SpatialTransformer, got {transformer!r}")
-        _check_composable(transformer)
+        if transformer.transform not in COMPOSABLE_TRANSFORMS:
+            raise ValueError(
+                f"rotation equivariance needs a transform of {COMPOSABLE_TRANSFORMS}, "
+                f"got {transformer.transform!r}"
+            )
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         if not 0 < max_angle_deg <= 180:

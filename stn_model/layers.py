@@ -207,15 +207,20 @@ class SpatialTransformer(keras.layers.Layer):
         `identity_parameters`.
         """
         images = tf.cast(images, self.compute_dtype)
-        if self.affine_head is None:
-            parameters = self._refine(images, self.head, self.transform, self.iterations, training)
-        else:
-            affine = self._refine(images, self.affine_head, "affine", self.iterations - 1, training)
-            warped, _ = self._warp(images, affine, self.input_size, "affine")
-            targets = self.transform_parameters(warped, training=training)
-            parameters = _affine_map(affine, targets)
+        parameters = self.find_transform(images, training=training)
         rectified, grid = self._warp(images, parameters, self.output_size, self.transform)
         return rectified, parameters, grid
+
+    def find_transform(self, images, training=None):
+        """The parameters [B, P] (float32) of the transform all passes find for `images`,
+        laid out as in `identity_parameters`; `rectify` without the sampling."""
+        images = tf.cast(images, self.compute_dtype)
+        if self.affine_head is None:
+            return self._refine(images, self.head, self.transform, self.iterations, training)
+        affine = self._refine(images, self.affine_head, "affine", self.iterations - 1, training)
+        warped, _ = self._warp(images, affine, self.input_size, "affine")
+        targets = self.transform_parameters(warped, training=training)
+        return _affine_map(affine, targets)
 
     def _refine(self, images, head, transform, passes, training):
         """The parameters `head` finds in `passes` inverse compositional passes."""
