@@ -28,6 +28,8 @@ MODELS = (
     "fcn",
     "st_fcn",
 )
+# The models whose transformer the rotation equivariance loss can train (a composable one).
+EQUIVARIANT_MODELS = ("st_cnn_affine", "st_cnn_similarity", "st_cnn_projective", "st_fcn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,13 @@ class PipelineConfig:
     image_size: int = 42
     num_classes: int = 10
     seed: int = 1
+    # The ST models' shape (stn_model.models.build_model); README "Accuracy" has what each buys
+    st_iterations: int = 1  # passes of the spatial transformer
+    full_resolution_localization: bool = False  # an ST-CNN localization net without its 1st pool
+    localization_hidden_units: int | None = None  # a hidden ReLU layer ending the ST-CNN's one
+    # The rotation equivariance loss (stn_model.equivariance) on the transformer; 0: off
+    equivariance_weight: float = 0.0
+    equivariance_angle: float = 45.0  # training images are turned again by up to +-this
     # Blessing
     accuracy_floor: float = 0.9  # eval accuracy a model needs to be blessed at all
     regression_tolerance: float = 0.01  # how far below the baseline's accuracy it may fall
@@ -87,14 +96,29 @@ class PipelineConfig:
             "num_classes",
             "model_check_timeout_s",
             "span_window",
+            "st_iterations",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_steps", "eval_steps", "span"):
+        for name in ("train_steps", "eval_steps", "span", "localization_hidden_units"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
         if self.model not in MODELS:
             raise ValueError(f"config field 'model' must be one of {MODELS}, got {self.model!r}")
+        if self.equivariance_weight < 0:
+            raise ValueError(
+                f"config field 'equivariance_weight' must be >= 0, got {self.equivariance_weight}"
+            )
+        if self.equivariance_weight and self.model not in EQUIVARIANT_MODELS:
+            raise ValueError(
+                f"config field 'equivariance_weight' needs a model of {EQUIVARIANT_MODELS}, "
+                f"got model {self.model!r}"
+            )
+        if not 0 < self.equivariance_angle <= 180:
+            raise ValueError(
+                f"config field 'equivariance_angle' must be in (0, 180], "
+                f"got {self.equivariance_angle}"
+            )
         if not 0 <= self.accuracy_floor <= 1:
             raise ValueError(
                 f"config field 'accuracy_floor' must be in [0, 1], got {self.accuracy_floor}"
@@ -160,8 +184,21 @@ class PipelineConfig:
 
     def trainer_custom_config(self):
         """What `stn_model.trainer.run_fn` reads from ``fn_args.custom_config``."""
-        names = ("model", "epochs", "batch_size", "learning_rate", "image_size", "num_classes")
-        options = {name: getattr(self, name) for name in (*names, "seed")}
+        names = (
+            "model",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "image_size",
+            "num_classes",
+            "seed",
+            "st_iterations",
+            "full_resolution_localization",
+            "localization_hidden_units",
+            "equivariance_weight",
+            "equivariance_angle",
+        )
+        options = {name: getattr(self, name) for name in names}
         if self.warm_start_model is not None:
             options["warm_start_model"] = self.warm_start_model
         return options

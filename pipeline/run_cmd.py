@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from components.multiworker_config import BACKENDS
-from pipeline.configs import RUNNING_MODES, load_config
+from pipeline.configs import RUNNING_MODES, PipelineConfig, load_config
 
 # Our loggers keep INFO (epoch lines, data set progress); the libraries' INFO lines, which
 # drown the progress lines, show with --verbose only.
@@ -35,7 +35,9 @@ def add_run_arguments(parser):
     parser.add_argument("--home", help="output home (default ./stn_home)")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
     parser.add_argument("--model", help="cnn, st_cnn_affine (default), st_cnn_projective, ...")
-    parser.add_argument("--epochs", type=int, help="training epochs (default 6)")
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default {PipelineConfig.epochs})"
+    )
     parser.add_argument("--train-steps", type=int, help="train this many steps instead of epochs")
     parser.add_argument("--batch-size", type=int, help="per-replica batch size (default 128)")
     parser.add_argument("--accuracy-floor", type=float, help="accuracy needed to bless")

@@ -45,6 +45,11 @@ class TrainingOptions:
     image_size: int = 42
     num_classes: int = 10
     seed: int = 1
+    st_iterations: int = 1
+    full_resolution_localization: bool = False
+    localization_hidden_units: int | None = None
+    equivariance_weight: float = 0.0  # > 0: train with the rotation equivariance loss
+    equivariance_angle: float = 45.0
     warm_start_model: str | None = None  # a pushed SavedModel to take the initial weights from
     # Examples come grouped by label (ImageExampleGen reads the label folders in turn), so the
     # buffer must hold the whole train split for batches to mix the classes: up to this many.
@@ -53,7 +58,8 @@ class TrainingOptions:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"custom_config['model'] must be a model name, got {self.model!r}")
-        for name in ("epochs", "batch_size", "image_size", "num_classes", "shuffle_buffer"):
+        names = ("epochs", "batch_size", "image_size", "num_classes", "shuffle_buffer")
+        for name in (*names, "st_iterations"):
             check_int(getattr(self, name), f"custom_config[{name!r}]")
         if not isinstance(self.learning_rate, int | float) or not self.learning_rate > 0:
             raise ValueError(
@@ -109,7 +115,8 @@ def run_fn(fn_args, strategy=None):
         model = _build(options)
         if options.warm_start_model:
             warm_start(model, options.warm_start_model)
-        trainable = serving.with_decoder(model)
+        fitted = _regularized(model, options)
+        trainable = serving.with_decoder(fitted)
         schedule = keras.optimizers.schedules.CosineDecay(
             options.learning_rate, decay_steps=epochs * steps_per_epoch, alpha=0.05
         )
@@ -126,7 +133,7 @@ def run_fn(fn_args, strategy=None):
         callbacks.append(keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir))
     logger.info(
         "training %s: %d train examples, %d epochs x %d steps, global batch %d on %d replica(s)",
-        options.model,
+        fitted.name,
         num_train,
         epochs,
         steps_per_epoch,
@@ -178,6 +185,21 @@ def _build(options):
         options.model,
         input_shape=(options.image_size, options.image_size, 1),
         num_classes=options.num_classes,
+        full_resolution_localization=options.full_resolution_localization,
+        localization_hidden_units=options.localization_hidden_units,
+        st_iterations=options.st_iterations,
+    )
+
+
+def _regularized(model, options):
+    """`model`, or when `equivariance_weight` > 0 the model ``<name>_equivariant`` that trains
+    it with the rotation equivariance loss (same weights; the export is `model`)."""
+    if not options.equivariance_weight:
+        return model
+    from stn_model.equivariance import with_rotation_equivariance
+
+    return with_rotation_equivariance(
+        model, options.equivariance_weight, options.equivariance_angle
     )
 
 

@@ -7,6 +7,7 @@ import tf_keras as keras
 from scipy import ndimage
 
 from stn_model import MODEL_NAMES, build_model, rectifier
+from stn_model.layers import COMPOSABLE_TRANSFORMS
 from stn_model.models import find_spatial_transformer
 
 RNG = np.random.default_rng(0)
@@ -40,9 +41,16 @@ def test_each_model_builds_gives_probabilities_and_trains_one_step(name):
 
 
 def test_the_pipeline_config_knows_every_model():
-    from pipeline.configs import MODELS  # a TF-free copy of the names
+    from pipeline.configs import EQUIVARIANT_MODELS, MODELS  # TF-free copies of the names
 
     assert MODELS == MODEL_NAMES
+    composable = [
+        name
+        for name in MODEL_NAMES
+        if name.startswith("st_")
+        and find_spatial_transformer(build_model(name)).transform in COMPOSABLE_TRANSFORMS
+    ]
+    assert tuple(composable) == EQUIVARIANT_MODELS
 
 
 def dense_units(layers):

@@ -166,6 +166,15 @@ def test_config_file_and_overrides(tmp_path):
     ]
 
 
+def test_the_model_options_of_a_config_file_reach_the_trainer(tmp_path):
+    recipe = {"st_iterations": 2, "full_resolution_localization": True}
+    recipe |= {"localization_hidden_units": 50, "equivariance_weight": 1.0}
+    path = tmp_path / "c.yaml"
+    path.write_text("".join(f"{name}: {str(value).lower()}\n" for name, value in recipe.items()))
+    custom_config = load_config(str(path)).trainer_custom_config()
+    assert {name: custom_config[name] for name in recipe} == recipe
+
+
 def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
     from components.multiworker_trainer import MultiWorkerTrainer
     from pipeline.pipeline import create_pipeline
@@ -244,6 +253,12 @@ def test_uris_with_a_scheme_stay_as_they_are():
         ("epochs: three\n", "'epochs' must be an integer"),
         ("accuracy_floor: 1.5\n", "'accuracy_floor' must be in \\[0, 1\\]"),
         ("model: resnet\n", "'model' must be one of"),
+        ("st_iterations: 0\n", "'st_iterations' must be >= 1"),
+        ("full_resolution_localization: 1\n", "'full_resolution_localization' must be true or"),
+        ("localization_hidden_units: 0\n", "'localization_hidden_units' must be >= 1"),
+        ("model: cnn\nequivariance_weight: 1\n", "'equivariance_weight' needs a model of"),
+        ("equivariance_weight: -1\n", "'equivariance_weight' must be >= 0"),
+        ("equivariance_angle: 0\n", "'equivariance_angle' must be in \\(0, 180\\]"),
         ("- just a list\n", "must hold a mapping"),
     ],
 )

@@ -148,21 +148,25 @@ def write_examples(path, count, seed):
     return labels
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    write_examples(str(root / "Split-train" / "data.gz"), 48, seed=1)
-    write_examples(str(root / "Split-eval" / "data.gz"), 16, seed=2)
+def train(root, train_count, train_steps, seed, **custom_config):
+    """`run_fn` on random examples written under `root`; returns its FnArgs."""
+    write_examples(str(root / "Split-train" / "data.gz"), train_count, seed=seed)
+    write_examples(str(root / "Split-eval" / "data.gz"), 16, seed=seed + 1)
     fn_args = FnArgs(
         train_files=[str(root / "Split-train" / "*")],
         eval_files=[str(root / "Split-eval" / "*")],
         serving_model_dir=str(root / "serving"),
         model_run_dir=str(root / "logs"),
-        train_steps=4,
-        custom_config={"model": "st_cnn_affine", "batch_size": 16},
+        train_steps=train_steps,
+        custom_config={"batch_size": 16, **custom_config},
     )
     trainer.run_fn(fn_args)
     return fn_args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("trainer"), 48, train_steps=4, seed=1)
 
 
 def test_run_fn_exports_a_servable_model(trained):
@@ -195,6 +199,51 @@ def test_warm_start_from_another_model_type_keeps_fresh_weights(trained):
     assert not trainer.warm_start(model, trained.serving_model_dir)
     for now, before in zip(model.get_weights(), fresh, strict=True):
         np.testing.assert_array_equal(now, before)
+
+
+def test_model_shape_and_equivariance_options_reach_the_trained_model(tmp_path, caplog):
+    """The options of the README's best R recipe: the export computes what a model built with
+    them computes, given its weights, and not what one built without the second pass does."""
+    shape = {"st_iterations": 2, "full_resolution_localization": True}
+    shape["localization_hidden_units"] = 8
+    with caplog.at_level("INFO", logger=trainer.__name__):
+        # A large step, so that two of them move the transform well away from the identity.
+        fn_args = train(
+            tmp_path,
+            32,
+            train_steps=2,
+            seed=5,
+            learning_rate=0.05,
+            equivariance_weight=2.0,
+            **shape,
+        )
+    assert "training st_cnn_affine_equivariant:" in caplog.text
+
+    loaded = tf.saved_model.load(fn_args.serving_model_dir)
+    gray = np.random.default_rng(8).integers(0, 256, (2, SIZE, SIZE), dtype=np.uint8)
+    served = loaded.signatures["rectify"](images=tf.constant([encode(g) for g in gray]))
+    weights = [w.numpy() for w in loaded.weights]
+
+    def rectified(**options):
+        model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), **options)
+        model.set_weights(weights)
+        return rectifier(model)(gray[..., None] / 255.0).numpy()
+
+    np.testing.assert_allclose(served["rectified"].numpy(), rectified(**shape), atol=1e-5)
+    one_pass = rectified(**{**shape, "st_iterations": 1})
+    assert np.abs(served["rectified"].numpy() - one_pass).max() > 1e-2
+
+
+def test_the_equivariance_loss_wraps_the_model_only_when_weighted():
+    model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1))
+    assert trainer._regularized(model, trainer.TrainingOptions()) is model
+    options = trainer.TrainingOptions(equivariance_weight=3.0, equivariance_angle=30.0)
+    wrapped = trainer._regularized(model, options)
+    layer = wrapped.get_layer("rotation_equivariance")
+    assert (layer.weight, layer.max_angle) == (3.0, pytest.approx(np.radians(30.0)))
+    assert {id(v) for v in wrapped.variables} == {id(v) for v in model.variables}
+    with pytest.raises(ValueError, match="transform of"):
+        trainer._regularized(build_model("st_cnn_tps", input_shape=(SIZE, SIZE, 1)), options)
 
 
 def test_count_records_counts_every_example(tmp_path):
