@@ -5,8 +5,9 @@
 
 `collect_facts` reuses `pipeline.summary` for the results (spans, anomalies, metrics per slice,
 blessing, push) and reads the rest from the run's artifacts: eval tf.Examples of the span the
-run ingested, passed through the trained model's ``rectify`` signature; the sampling grids of
-its spatial transformer; the per-epoch curves of the Trainer's TensorBoard logs.
+run ingested, passed through the trained model's ``rectify`` signature, which also gives the
+sampling grids of its spatial transformer; the per-epoch curves of the Trainer's TensorBoard
+logs.
 `write_report` draws the figures with `stn_model.visualize` and writes a self-contained page:
 inline CSS, only relative links to files inside the folder.
 """
@@ -24,9 +25,6 @@ from pipeline import summary
 from stn_model import visualize
 
 SAMPLES_PER_VARIANT = 8
-# Rebuilt transformer vs the `rectify` signature: both run the same float32 ops on the same
-# weights, so they agree to rounding; anything larger means the architecture guess is wrong.
-REBUILD_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass
@@ -79,7 +77,7 @@ def collect_facts(config, run_id=None):
         raise ValueError(f"--run {run_id!r}: no such run; runs: {', '.join(ids)}")
     run_id = run_id or ids[-1]
     nodes = summary.latest_node_runs(config.metadata_path, config.pipeline_name, run_id)
-    samples, samples_note, grid_note = _samples(nodes, config)
+    samples, samples_note, grid_note = _samples(nodes)
     history, history_note = _history(nodes)
     return ReportFacts(
         run_id=run_id,
@@ -98,7 +96,7 @@ def _artifact_uri(nodes, node_id, key):
     return None if artifact is None else artifact.uri
 
 
-def _samples(nodes, config):
+def _samples(nodes):
     """([VariantSamples], samples note, grid note) from the run's eval examples and model."""
     examples_uri = _artifact_uri(nodes, "ImageExampleGen", "examples")
     model_uri = _artifact_uri(nodes, "Trainer", "model")
@@ -112,25 +110,32 @@ def _samples(nodes, config):
     model = tf.saved_model.load(model_dir)
     if "rectify" not in model.signatures:
         why = f"no pictures: the trained model {model_dir} has no `rectify` signature"
-        return [], why, "no sampling grids: no `rectify` signature to check them against"
+        return [], why, "no sampling grids: no `rectify` signature"
     picked = pick_samples(_eval_examples(examples_uri), SAMPLES_PER_VARIANT)
     samples = []
     for variant, items in picked.items():
         encoded = [image for _, image in items]
-        rectified = model.signatures["rectify"](images=tf.constant(encoded))["rectified"]
+        outputs = model.signatures["rectify"](images=tf.constant(encoded))
         samples.append(
             VariantSamples(
                 variant=variant,
                 labels=[label for label, _ in items],
                 inputs=np.stack([_decode_png(image) for image in encoded]),
-                rectified=rectified.numpy()[..., 0],
+                rectified=outputs["rectified"].numpy()[..., 0],
+                grids=outputs["grid"].numpy() if "grid" in outputs else None,
             )
         )
     note = (
         f"eval images of the ingested span ({examples_uri}), through the trained model's "
         "`rectify` signature"
     )
-    return samples, note, _add_grids(samples, model, config.num_classes)
+    if not samples:
+        grid_note = "no sampling grids: no eval images"
+    elif samples[0].grids is None:
+        grid_note = "no sampling grids: the model has no spatial transformer (no `grid` output)"
+    else:
+        grid_note = "sampling grids: the `grid` output of the same signature"
+    return samples, note, grid_note
 
 
 def _eval_examples(examples_uri):
@@ -176,55 +181,6 @@ def _decode_png(encoded):
 
     with Image.open(io.BytesIO(encoded)) as image:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-
-
-def _add_grids(samples, model, num_classes):
-    """Fill in `samples`' sampling grids from a transformer rebuilt from `model`'s weights.
-
-    The exported SavedModel has no grid output; its ``weights`` are the trained Keras model's
-    variables in order. Each spatial-transformer architecture of `stn_model.models` whose
-    variable shapes match is rebuilt with those weights, and accepted only if it reproduces the
-    ``rectify`` signature's images. Returns the note that says which, or why there is none.
-    """
-    if not samples:
-        return "no sampling grids: no eval images"
-    if all(
-        s.inputs.shape == s.rectified.shape and np.allclose(s.inputs, s.rectified) for s in samples
-    ):
-        return "no sampling grids: the model has no spatial transformer (it classifies its input)"
-    import tensorflow as tf
-
-    from stn_model.models import MODEL_NAMES, build_model, find_spatial_transformer
-
-    weights = [variable.numpy() for variable in getattr(model, "weights", [])]
-    first = samples[0]
-    for name in (name for name in MODEL_NAMES if name.startswith("st_")):
-        candidate = build_model(
-            name,
-            input_shape=(*first.inputs.shape[1:], 1),
-            num_classes=num_classes,
-            st_output_size=first.rectified.shape[1:],
-        )
-        if [w.shape for w in candidate.get_weights()] != [w.shape for w in weights]:
-            continue
-        candidate.set_weights(weights)
-        transformer = find_spatial_transformer(candidate)
-        grids, agree = [], True
-        for sample in samples:
-            rectified, _, grid = transformer.rectify(tf.constant(sample.inputs[..., None]))
-            agree &= np.abs(rectified.numpy()[..., 0] - sample.rectified).max() <= REBUILD_TOLERANCE
-            grids.append(grid.numpy())
-        if agree:
-            for sample, grid in zip(samples, grids, strict=True):
-                sample.grids = grid
-            return (
-                f"grids of the `{name}` spatial transformer rebuilt from the SavedModel's "
-                "weights (the export has no grid output); it reproduces the `rectify` images"
-            )
-    return (
-        "no sampling grids: the SavedModel exposes no grid, and no spatial-transformer "
-        "architecture of stn_model.models rebuilt from its weights reproduces its `rectify` output"
-    )
 
 
 def _history(nodes):

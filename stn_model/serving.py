@@ -6,7 +6,9 @@ float images in [0, 1] of the model's input shape, inside the graph. The exporte
 - ``serving_default``: ``images`` (1-D tf.string, encoded PNG or JPEG) -> ``probabilities``
   [B, num_classes] float32 and ``classes`` [B] int64;
 - ``rectify``: ``images`` -> ``rectified``, the image the classifier sees (the spatial
-  transformer's output; the decoded input itself for a model without a transformer);
+  transformer's output; the decoded input itself for a model without a transformer), and for
+  a model with one ``grid`` [B, h, w, 2] float32, the normalized (x, y) input coordinates in
+  [-1, 1] it sampled each output pixel at;
 - ``serving_examples``: ``examples`` (serialized tf.Examples with an ``image`` bytes feature)
   -> the same outputs as ``serving_default``; TFMA evaluates through it.
 """
@@ -93,11 +95,11 @@ def with_decoder(model, name=None):
     return keras.Model(images, model(decoded), name=name or f"{model.name}_on_bytes")
 
 
-def export_saved_model(model, export_dir, rectifier=None):
+def export_saved_model(model, export_dir, transformer=None):
     """Save `model` with the ``serving_default``, ``rectify`` and ``serving_examples`` signatures.
 
     `model` maps float images [B, H, W, 1] in [0, 1] to class probabilities [B, num_classes];
-    `rectifier` (optional) maps the same images to what the classifier sees.
+    `transformer` is its `SpatialTransformer`, which reads those images (None: it has none).
     """
     height, width = _model_image_size(model)
     module = tf.Module()
@@ -116,8 +118,10 @@ def export_saved_model(model, export_dir, rectifier=None):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_KEY)])
     def rectify(images):
         decoded = decode_images(images, (height, width))
-        rectified = decoded if rectifier is None else rectifier(decoded, training=False)
-        return {"rectified": tf.cast(rectified, tf.float32)}
+        if transformer is None:
+            return {"rectified": decoded}
+        rectified, _, grid = transformer.rectify(decoded, training=False)
+        return {"rectified": tf.cast(rectified, tf.float32), "grid": grid}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)])
     def serve_examples(examples):

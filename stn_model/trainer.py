@@ -152,7 +152,7 @@ def run_fn(fn_args, strategy=None):
     # Every worker takes part in saving (variables are read collectively); only the chief
     # writes to serving_model_dir.
     export_dir = fn_args.serving_model_dir if chief else tempfile.mkdtemp(prefix="stn-export-")
-    serving.export_saved_model(model, export_dir, rectifier=_rectifier(model))
+    serving.export_saved_model(model, export_dir, transformer=_transformer(model, options))
     if not chief:
         shutil.rmtree(export_dir, ignore_errors=True)
 
@@ -203,10 +203,11 @@ def _regularized(model, options):
     )
 
 
-def _rectifier(model):
-    from stn_model.models import rectifier
+def _transformer(model, options):
+    """The SpatialTransformer of an ST model, None for the others."""
+    from stn_model.models import find_spatial_transformer
 
-    return rectifier(model)
+    return find_spatial_transformer(model) if options.model.startswith("st_") else None
 
 
 def is_chief(cluster_resolver):

@@ -314,7 +314,7 @@ def test_report_of_a_real_run_is_self_contained(tiny_run):
     ]
     page = Path(index).read_text(encoding="utf-8")
     assert "BLESSED" in page and "pushed to <code>" + config.serving_dir in page
-    assert "rebuilt from the SavedModel" in page
+    assert "the `grid` output of the same signature" in page
 
 
 @pytest.mark.slow

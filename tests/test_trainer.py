@@ -16,7 +16,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 
 from pipeline.configs import PipelineConfig
 from stn_model import serving, trainer
-from stn_model.models import build_model, rectifier
+from stn_model.models import build_model, find_spatial_transformer
 
 SIZE = 42
 
@@ -85,7 +85,7 @@ def exported(tmp_path_factory):
     """An untrained ST-CNN whose transformer outputs 42 x 42 (identity at start), exported."""
     model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), st_output_size=(SIZE, SIZE))
     export_dir = str(tmp_path_factory.mktemp("export") / "model")
-    serving.export_saved_model(model, export_dir, rectifier=rectifier(model))
+    serving.export_saved_model(model, export_dir, transformer=find_spatial_transformer(model))
     return model, tf.saved_model.load(export_dir)
 
 
@@ -110,11 +110,16 @@ def test_serving_default_answers_png_rgb_and_jpeg(exported, pixels):
     np.testing.assert_allclose(probabilities[1:], expected[1:], atol=0.02)
 
 
-def test_rectify_returns_the_input_under_the_identity_transform(exported):
+def test_rectify_returns_the_input_and_the_pixel_centres_under_the_identity_transform(exported):
     _, loaded = exported
     gray = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
-    rectified = loaded.signatures["rectify"](images=tf.constant([encode(gray)]))["rectified"]
-    np.testing.assert_allclose(rectified.numpy()[0, ..., 0], gray / 255.0, atol=1e-5)
+    outputs = loaded.signatures["rectify"](images=tf.constant([encode(gray)]))
+    np.testing.assert_allclose(outputs["rectified"].numpy()[0, ..., 0], gray / 255.0, atol=1e-5)
+    # Pixel j's centre in normalized coordinates (align_corners=False): (2j + 1) / SIZE - 1.
+    centres = (2 * np.arange(SIZE) + 1) / SIZE - 1
+    x, y = np.meshgrid(centres, centres)
+    assert outputs["grid"].dtype == tf.float32
+    np.testing.assert_allclose(outputs["grid"].numpy()[0], np.stack([x, y], -1), atol=1e-6)
 
 
 def test_serving_examples_agrees_with_serving_default(exported, pixels):
@@ -224,13 +229,17 @@ def test_model_shape_and_equivariance_options_reach_the_trained_model(tmp_path, 
     served = loaded.signatures["rectify"](images=tf.constant([encode(g) for g in gray]))
     weights = [w.numpy() for w in loaded.weights]
 
-    def rectified(**options):
+    def rebuilt(**options):
+        """(rectified, grid) of a model built with `options` and the exported weights."""
         model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), **options)
         model.set_weights(weights)
-        return rectifier(model)(gray[..., None] / 255.0).numpy()
+        rectified, _, grid = find_spatial_transformer(model).rectify(gray[..., None] / 255.0)
+        return rectified.numpy(), grid.numpy()
 
-    np.testing.assert_allclose(served["rectified"].numpy(), rectified(**shape), atol=1e-5)
-    one_pass = rectified(**{**shape, "st_iterations": 1})
+    rectified, grid = rebuilt(**shape)
+    np.testing.assert_allclose(served["rectified"].numpy(), rectified, atol=1e-5)
+    np.testing.assert_allclose(served["grid"].numpy(), grid, atol=1e-5)
+    one_pass, _ = rebuilt(**{**shape, "st_iterations": 1})
     assert np.abs(served["rectified"].numpy() - one_pass).max() > 1e-2
 
 
