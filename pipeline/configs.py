@@ -51,7 +51,8 @@ class PipelineConfig:
     image_size: int = 42
     num_classes: int = 10
     seed: int = 1
-    # The ST models' shape (stn_model.models.build_model); README "Accuracy" has what each buys
+    # The ST models' shape (stn_model.models.build_model); what each buys is in
+    # docs/accuracy_experiments.md
     st_iterations: int = 1  # passes of the spatial transformer
     full_resolution_localization: bool = False  # an ST-CNN localization net without its 1st pool
     localization_hidden_units: int | None = None  # a hidden ReLU layer ending the ST-CNN's one
