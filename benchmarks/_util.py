@@ -11,7 +11,6 @@ compare functions timed in the same `time_calls`.
 
 import resource
 import statistics
-import sys
 import time
 from typing import NamedTuple
 
@@ -55,8 +54,9 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def print_table(headers, rows, file=sys.stdout):
-    """Prints rows (sequences of cells; floats get 2 decimals) under headers, columns aligned."""
+def print_table(headers, rows, file=None):
+    """Prints rows (sequences of cells; floats get 2 decimals) under headers, columns aligned,
+    to `file` (None: the sys.stdout of the moment)."""
     cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = [headers, ["-" * w for w in widths], *cells]

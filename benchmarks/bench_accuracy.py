@@ -47,24 +47,25 @@ true angle.
         --models cnn st_cnn_affine st_cnn_tps --jobs 2               # the longer recipe
 
 How long it takes on 2 CPU cores. The full run with `--jobs 2` (two distortions at a time, one
-thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds of fitting
-with the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds
-per distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
+thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds of fitting with
+the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds per
+distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
 process. `--small` takes 1 to 2 minutes. With `--redraw` (native sampler) a model's fit costs
 about 75 CPU seconds per epoch for the CNN and 50 for each ST-CNN on an idle core (15 epochs,
-sharing the cores: CNN 1,110-1,140, each ST-CNN 690-920); drawing the distortions takes about
-7 s per epoch and distortion. The longer recipe above fits for 10,700 CPU seconds in all,
-about 1.5 hours with `--jobs 2` on an idle 2-core machine. `--full-resolution-localization`
-doubles an ST-CNN's cost (15 epochs, sharing the cores: 1,860-2,010 CPU seconds);
-`--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU seconds). Both with
-`--localization-hidden-units 50`: 980-1,170 CPU seconds per ST-CNN against the CNN's 400-450,
-one thread per process and two processes on the 2 cores (3,070 when R shared them with three
-other runs: oversubscribed cores inflate CPU seconds, so compare runs made the same way). All
-three options and `--st-output-size 42`: 1,540 to 1,610 per ST-CNN, measured the same way; the
-CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such runs at a time).
-`--elastic-alpha` makes drawing an epoch cost 13 CPU seconds instead of 5 (counted in the first
-model's fit). The TPS ST-CNN with `--tps-iterations 3` and both localization options: 1,415 to
-1,445 CPU seconds; the similarity ST-CNN costs what the affine one does.
+sharing the cores: CNN 1,110-1,140, each ST-CNN 690-920); drawing an epoch's distortions takes 4
+to 9 CPU seconds (R and RTS about 5, E the most). The longer recipe above fits for 10,700 CPU
+seconds in all, about 1.5 hours with `--jobs 2` on an idle 2-core machine.
+`--full-resolution-localization` doubles an ST-CNN's cost (15 epochs, sharing the cores:
+1,860-2,010 CPU seconds); `--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU
+seconds). Both with `--localization-hidden-units 50`: 980-1,170 CPU seconds per ST-CNN against
+the CNN's 400-450, one thread per process and two processes on the 2 cores (3,070 when R shared
+them with three other runs: oversubscribed cores inflate CPU seconds, so compare runs made the
+same way). All three options and `--st-output-size 42`: 1,540 to 1,700 per ST-CNN, measured the
+same way; the CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such
+runs at a time). `--elastic-alpha` makes drawing an R epoch cost 13 CPU seconds instead of 5
+(counted in the first model's fit). The TPS ST-CNN with `--tps-iterations 3` and both
+localization options: 1,415 to 1,445 CPU seconds; the similarity ST-CNN costs what the affine
+one does.
 """
 
 import argparse
@@ -225,7 +226,9 @@ def parse_args(argv=None):
         "--jobs",
         type=int,
         default=1,
-        help="distortions trained at once, each in its own process (CPU cores shared among them)",
+        help="distortions trained at once, each in its own process (CPU cores shared among them); "
+        "above 1 it also gives TensorFlow cpu_count // jobs threads per process, even when "
+        "one process runs (--jobs 2 --variants r: one process, one thread on 2 cores)",
     )
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)

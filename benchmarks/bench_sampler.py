@@ -3,8 +3,9 @@
 For each shape, times one training-style step (sample, loss = sum(output * weights), gradients
 with respect to the images and the grid): with the native op (eager and tf.function) when it is
 built, with the pure-TF path (eager, tf.function, XLA), and the same step in PyTorch when torch
-is importable. All modes of one shape are timed in turn, round after round,
-so the ratios compare like with like on a shared machine. Prints a table and the peak RSS.
+is importable. The ratios and largest output differences are against PyTorch, or without it
+against the pure-TF path in tf.function. All modes of one shape are timed in turn, round after
+round, so the ratios compare like with like on a shared machine. Prints a table and the peak RSS.
 
     .venv/bin/python benchmarks/bench_sampler.py [--threads N] [--repeats R]
 """
@@ -19,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from _util import peak_rss_mib, print_table, time_calls
+
+FALLBACK_BASELINE = "pure tf.function"  # the yardstick when PyTorch is not importable
 
 # (batch, input height, input width, channels, output height, output width, repeats scale)
 SHAPES = [
@@ -113,6 +116,7 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+    baseline = "pytorch" if reference is not None else FALLBACK_BASELINE
 
     rows = []
     for batch, height, width, channels, out_h, out_w, scale in SHAPES:
@@ -125,35 +129,35 @@ def main(argv=None):
             mode: (lambda step=step, tf_args=tf_args: [t.numpy() for t in step(*tf_args)])
             for mode, step in steps.items()
         }
-        differences = {}
         if reference is not None:
             torch_args = to_torch(images, grid, weights)
             calls["pytorch"] = lambda torch_args=torch_args: reference(*torch_args)
             theirs = reference(*torch_args)[0].detach().permute(0, 2, 3, 1).numpy()
-            for mode, step in steps.items():
-                differences[mode] = f"{np.abs(step(*tf_args)[0].numpy() - theirs).max():.1e}"
+        else:
+            theirs = steps[baseline](*tf_args)[0].numpy()
+        differences = {
+            mode: f"{np.abs(step(*tf_args)[0].numpy() - theirs).max():.1e}"
+            for mode, step in steps.items()
+        }
         timings = time_calls(calls, repeats=max(3, round(args.repeats * scale)))
         label = f"[{batch},{height},{width},{channels}]->{out_h}x{out_w}"
         for mode, timing in timings.items():
-            ratio = timing.ratio(timings["pytorch"]) if reference is not None else None
-            rows.append(
-                [
-                    label,
-                    mode,
-                    timing.wall_ms,
-                    timing.cpu_ms,
-                    ratio.wall_ms if ratio else "-",
-                    ratio.cpu_ms if ratio else "-",
-                    differences.get(mode, ""),
-                ]
-            )
+            ratio = timing.ratio(timings[baseline])
+            row = [label, mode, timing.wall_ms, timing.cpu_ms, ratio.wall_ms, ratio.cpu_ms]
+            rows.append([*row, differences.get(mode, "")])
     print("bilinear_sample forward+backward, float32, zeros padding, align_corners=False")
     print_table(
-        ["shape", "mode", "wall ms", "cpu ms", "wall/pytorch", "cpu/pytorch", "max|ours-pt|"],
+        [
+            *("shape", "mode", "wall ms", "cpu ms"),
+            *(f"wall/{baseline}", f"cpu/{baseline}", f"max|ours-{baseline}|"),
+        ],
         rows,
     )
     if reference is None:
-        print("PyTorch is not importable: no comparison (install torch==2.13.0, see bench.sh).")
+        print(
+            f"PyTorch is not importable: ratios against {baseline} "
+            "(install torch==2.13.0 for the PyTorch comparison, see bench.sh)."
+        )
     print(f"peak RSS: {peak_rss_mib():.0f} MiB")
     return 0
 

@@ -10,9 +10,16 @@ them (model A, then model B; one pair per seed, say):
     .venv/bin/python benchmarks/digit_errors.py \\
         RESULTS/predictions_r_cnn.npz RESULTS/predictions_r_st_cnn_affine.npz [A2 B2 ...]
 
-It prints both models' errors, B's minus A's with its standard error, how many digits each
-misreads in at least one copy (and how many both do), the errors by how far each digit was
-turned (where the distortion turns digits), and, for an ST model on R, by how far its
+Every run reads the same eval source digits (`source_index` indexes the 5,000 digits of
+pipeline.distorted_mnist.load_source, whatever the seed; a seed only redraws the copies), and
+a digit that is hard in one seed is hard in the others. So the runs are pooled by source
+digit: a digit's rate is taken over its copies in all runs, and the standard errors are over
+the source digits, not over the digit draws (a source digit in one run). Files whose source
+digits carry different labels do not index the same digits, and are refused.
+
+It prints both models' errors, B's minus A's with its standard error, how many digit draws
+each misreads in at least one copy (and how many both do), the errors by how far each digit
+was turned (where the distortion turns digits), and, for an ST model on R, by how far its
 transformer left the digit from upright; `--plots DIR` draws those as bar charts in DIR. The
 pairs may come from different draws of the same digits (upright and rotated, say): they are
 paired by source digit, never by image.
@@ -62,8 +69,8 @@ def paired_difference(wrong_a, sources_a, wrong_b, sources_b):
 
 
 def digits_misread(wrong_a, sources_a, wrong_b, sources_b):
-    """(both, A only, B only): how many source digits the models get wrong in at least one of
-    their copies."""
+    """(both, A only, B only): how many of the digits that `sources_a` and `sources_b` name
+    (source digits, or digit draws) the models get wrong in at least one of their copies."""
     digits_a, rates_a = rates_per_digit(wrong_a, sources_a)
     digits_b, rates_b = rates_per_digit(wrong_b, sources_b)
     a, b = set(digits_a[rates_a > 0]), set(digits_b[rates_b > 0])
@@ -117,37 +124,65 @@ def load_predictions(path):
 
 
 def pooled(runs):
-    """One run from several (one per seed, say): the arrays they all have, concatenated, each
-    run's source digits kept apart (run i's digit d becomes i * 10**6 + d)."""
+    """One run from several (one per seed, say): the arrays they all have, concatenated, and
+    "run", each image's run number. Source digits keep their ids, so a digit's copies in all
+    runs count as one digit (see the module's docstring)."""
     keys = set.intersection(*(set(run) for run in runs))
     merged = {key: np.concatenate([run[key] for run in runs]) for key in keys}
-    merged["source_index"] = np.concatenate(
-        [i * 10**6 + run["source_index"].astype(np.int64) for i, run in enumerate(runs)]
+    merged["run"] = np.concatenate(
+        [np.full(len(run["source_index"]), i, dtype=np.int64) for i, run in enumerate(runs)]
     )
     return merged
 
 
-def compare(a, b, names=("A", "B"), plots=None, out=sys.stdout):
-    """Prints the comparison of runs `a` and `b` (see the module's docstring) and, with
-    `plots` (a folder), draws the errors by angle as PNG bar charts there."""
+def check_shared_digits(runs, paths):
+    """ValueError, naming the files, unless each source digit id has one label in all `runs`
+    (read from `paths`): otherwise the ids do not name the same digits in every file."""
+    sources = np.concatenate([run["source_index"] for run in runs])
+    labels = np.concatenate([run["label"] for run in runs])
+    pairs = np.unique(np.stack([sources, labels]), axis=1)  # each (digit, label) once
+    ids, labels_per_id = np.unique(pairs[0], return_counts=True)
+    if np.any(labels_per_id > 1):
+        digit = ids[labels_per_id > 1][0]
+        named = [
+            path for path, run in zip(paths, runs, strict=True) if digit in run["source_index"]
+        ]
+        raise ValueError(
+            f"source digit {digit} has different labels in {', '.join(named)}: these files do "
+            "not index the same source digits"
+        )
+
+
+def digit_draws(run):
+    """Each image's digit draw (its source digit in its run) as one integer."""
+    return run.get("run", 0) * 2**32 + run["source_index"].astype(np.int64)
+
+
+def compare(a, b, names=("A", "B"), plots=None, out=None):
+    """Prints the comparison of runs `a` and `b` (see the module's docstring) to `out` (None:
+    the sys.stdout of the moment) and, with `plots` (a folder), draws the errors by angle as
+    PNG bar charts there."""
     runs = dict(zip(names, (a, b), strict=True))
     wrong = {name: run["predicted"] != run["label"] for name, run in runs.items()}
     rows = []
     for name, run in runs.items():
         error, se = error_over_digits(wrong[name], run["source_index"])
         rows.append((name, f"{error:.2f} ± {se:.2f}", int(wrong[name].sum()), len(wrong[name])))
-    print_table(["model", "error % (± over digits)", "errors", "images"], rows, file=out)
-    pair = [x for name, run in runs.items() for x in (wrong[name], run["source_index"])]
-    diff, se = paired_difference(*pair)
-    both, a_only, b_only = digits_misread(*pair)
+    print_table(["model", "error % (± over source digits)", "errors", "images"], rows, file=out)
+    by_digit = [x for name, run in runs.items() for x in (wrong[name], run["source_index"])]
+    by_draw = [x for name, run in runs.items() for x in (wrong[name], digit_draws(run))]
+    diff, se = paired_difference(*by_digit)
+    both, a_only, b_only = digits_misread(*by_draw)
     errors_a, errors_b = (int(w.sum()) for w in wrong.values())
     change = f"{abs(errors_b - errors_a) / errors_a:.1%}" if errors_a else "n/a"
     fewer = "fewer" if errors_b <= errors_a else "more"
+    digits, draws = len(np.unique(a["source_index"])), len(np.unique(digit_draws(a)))
+    runs_read = len(np.unique(a.get("run", 0)))
     print(
-        f"\n{names[1]} - {names[0]}: {diff:+.2f} ± {se:.2f} % points, paired over "
-        f"{len(np.unique(a['source_index']))} source digits of all runs ({names[1]} makes "
-        f"{change} {fewer} errors)\n"
-        f"digits misread in at least one copy: both {both}, {names[0]} only {a_only}, "
+        f"\n{names[1]} - {names[0]}: {diff:+.2f} ± {se:.2f} % points, paired over {digits:,} "
+        f"source digits ({draws:,} digit draws in {runs_read} run{'s' * (runs_read > 1)}; "
+        f"{names[1]} makes {change} {fewer} errors)\n"
+        f"digit draws misread in at least one copy: both {both}, {names[0]} only {a_only}, "
         f"{names[1]} only {b_only}",
         file=out,
     )
@@ -202,6 +237,7 @@ def main(argv=None):
     for name, files in zip(args.names, (args.files[0::2], args.files[1::2]), strict=True):
         print(f"{name}: {', '.join(files)}")
     try:
+        check_shared_digits(runs, args.files)
         compare(pooled(runs[0::2]), pooled(runs[1::2]), names=tuple(args.names), plots=args.plots)
     except ValueError as error:  # runs of different digits
         parser.error(f"{' '.join(args.files)}: {error}")

@@ -30,16 +30,16 @@ def image_problem(data, shape):
     try:
         decoded_shape = tuple(tf.io.decode_image(data, expand_animations=False).shape)
     except tf.errors.InvalidArgumentError as error:
-        return f"is not a decodable {found_format} image ({_reason(error.message)})"
+        return f"is not a decodable {found_format} image ({tf_reason(error.message)})"
     if decoded_shape != tuple(shape):
         return f"decodes to shape {format_shape(decoded_shape)}, expected {format_shape(shape)}"
     return None
 
 
-def _reason(message):
+def tf_reason(message):
     """TensorFlow's words in an eager op's error message, without the op's wrapping."""
     message = re.sub(r"^\{\{[^}]*\}\}\s*", "", message.strip())
-    return re.sub(r"\s*\[Op:\w+\]$", "", message)
+    return re.sub(r"\s*\[Op:\w+\](\s*name:.*)?$", "", message)
 
 
 def format_shape(shape):

@@ -5,14 +5,27 @@ A file-based TFX ExampleGen (FileBasedExampleGen's spec, driver and split handli
 with an executor that writes, for every image, a tf.Example with the data contract's features:
 `image` (the encoded file, unchanged), `label` (int64), `variant` and `distortion` (bytes).
 
-Every image is decoded and checked against the data set's shape. Bad files (not decodable,
-another shape, no label) fail the run with one line per file, unless `max_bad_files` allows
-skipping them; skipped files are logged and recorded on the output artifact
-(`skipped_file_count`, `skipped_files`).
+Span windows: with `span_window` K > 1 one run ingests spans N-K+1..N into one Examples
+artifact (N: the span the driver resolves, the newest unless `range_config` names one), so the
+statistics, the schema check and the gate downstream cover everything trained on. Every split
+pattern must then hold `{SPAN}` (no `{VERSION}` or date specs); each span of the window must
+have files for every split, else the run fails naming the missing spans' patterns (the window
+is never shortened, and never reaches below span 0). The spans ingested are recorded on the
+artifact (`spans`, oldest first; `span` stays N), and the input fingerprint covers every span
+of the window, so a cached run re-runs when any of them changes (with the local driver; on
+Kubeflow TFX's own driver fingerprints span N only).
+
+Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
+one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an
+image file that is not decodable, has another shape or no label; a TFRecord file that does not
+read to its end (none of its records are used); one record of a readable TFRecord file that is
+not a valid example. Skipped inputs are logged and recorded on the output artifact
+(`skipped_file_count`, `skipped_files`: one line per bad input).
 """
 
 import hashlib
 import os
+from typing import NamedTuple
 
 import apache_beam as beam
 import tensorflow as tf
@@ -20,21 +33,34 @@ from absl import logging
 from google.protobuf import json_format, struct_pb2
 from tfx.components import FileBasedExampleGen
 from tfx.components.example_gen import driver
+from tfx.components.example_gen import utils as example_gen_utils
 from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, standard_component_specs
-from tfx.utils import proto_utils
+from tfx.utils import io_utils, proto_utils
 
 from components import image_listing
-from components.image_decoding import format_shape, image_problem
+from components.image_decoding import format_shape, image_problem, tf_reason
 
 DEFAULT_IMAGE_SHAPE = (42, 42, 1)
 SKIPPED_COUNT_PROPERTY = "skipped_file_count"
 SKIPPED_FILES_PROPERTY = "skipped_files"
+SPANS_PROPERTY = "spans"
 _REJECTED = "rejected"
 _REJECTS_DIR_KEY = "_rejects_dir"
+_SPAN_PATTERNS_KEY = "_span_patterns"
+
+
+class IngestSettings(NamedTuple):
+    """The executor's settings; `span_patterns` ({split: pattern with {SPAN}}) with a window."""
+
+    image_shape: tuple
+    max_bad_files: int = 0
+    labels_file: str | None = None
+    span_window: int = 1
+    span_patterns: dict | None = None
 
 
 def span_input_config(train_pattern="span-{SPAN}/train/*/*", eval_pattern="span-{SPAN}/eval/*/*"):
@@ -47,8 +73,19 @@ def span_input_config(train_pattern="span-{SPAN}/train/*/*", eval_pattern="span-
     )
 
 
-def ingest_config(image_shape=DEFAULT_IMAGE_SHAPE, max_bad_files=0, labels_file=None):
-    """The executor's settings as the ExampleGen's CustomConfig (a Struct in its Any)."""
+def ingest_config(
+    image_shape=DEFAULT_IMAGE_SHAPE,
+    max_bad_files=0,
+    labels_file=None,
+    span_window=1,
+    input_config=None,
+):
+    """The executor's settings as the ExampleGen's CustomConfig (a Struct in its Any).
+
+    A `span_window` > 1 keeps the split patterns of `input_config` (default:
+    `span_input_config()`), which the driver fills in with the newest span only, so the
+    executor can fill them in with the window's other spans.
+    """
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(isinstance(size, int) and size > 0 for size in shape):
         raise ValueError(f"image_shape must be 3 positive ints (height, width, channels): {shape}")
@@ -56,17 +93,41 @@ def ingest_config(image_shape=DEFAULT_IMAGE_SHAPE, max_bad_files=0, labels_file=
         raise ValueError(f"max_bad_files must be an int >= 0, got {max_bad_files!r}")
     if labels_file is not None and (not labels_file or os.sep in labels_file):
         raise ValueError(f"labels_file must be a file name such as 'labels.csv': {labels_file!r}")
+    if isinstance(span_window, bool) or not isinstance(span_window, int) or span_window < 1:
+        raise ValueError(f"span_window must be an int >= 1, got {span_window!r}")
+    values = {
+        "image_shape": list(shape),
+        "max_bad_files": max_bad_files,
+        "labels_file": labels_file,
+    }
+    if span_window > 1:
+        values |= {
+            "span_window": span_window,
+            "span_patterns": _span_patterns(input_config or span_input_config()),
+        }
     settings = struct_pb2.Struct()
-    settings.update(
-        {"image_shape": list(shape), "max_bad_files": max_bad_files, "labels_file": labels_file}
-    )
+    settings.update(values)
     config = example_gen_pb2.CustomConfig()
     config.custom_config.Pack(settings)
     return config
 
 
+def _span_patterns(input_config):
+    """{split name: pattern} of `input_config`, whose patterns must all hold one {SPAN}."""
+    patterns = {}
+    for split in input_config.splits:
+        has_span, has_date, has_version = example_gen_utils.verify_split_pattern_specs(split)
+        if not has_span or has_date or has_version:
+            raise ValueError(
+                f"span_window > 1 needs split patterns with {{SPAN}} and no {{VERSION}} or date "
+                f"spec; split {split.name!r} has {split.pattern!r}"
+            )
+        patterns[split.name] = split.pattern
+    return patterns
+
+
 def ingest_settings(exec_properties):
-    """(image shape, max bad files, labels file) from the exec properties' custom config."""
+    """The `IngestSettings` in the exec properties' custom config."""
     config = example_gen_pb2.CustomConfig()
     text = exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY)
     if text:
@@ -75,8 +136,71 @@ def ingest_settings(exec_properties):
     if config.HasField("custom_config") and not config.custom_config.Unpack(settings):
         raise ValueError(f"custom_config must hold a google.protobuf.Struct: {text}")
     values = json_format.MessageToDict(settings)
-    shape = tuple(int(size) for size in values.get("image_shape", DEFAULT_IMAGE_SHAPE))
-    return shape, int(values.get("max_bad_files", 0)), values.get("labels_file")
+    return IngestSettings(
+        image_shape=tuple(int(size) for size in values.get("image_shape", DEFAULT_IMAGE_SHAPE)),
+        max_bad_files=int(values.get("max_bad_files", 0)),
+        labels_file=values.get("labels_file"),
+        span_window=int(values.get("span_window", 1)),
+        span_patterns=values.get("span_patterns"),
+    )
+
+
+def window_inputs(exec_properties):
+    """(spans, {split name: [file pattern of each span]}) of the run the driver resolved.
+
+    One span: the driver's patterns. A window of K: spans N-K+1..N (N: the resolved span),
+    oldest first; raises ValueError naming the spans whose files are missing.
+    """
+    settings = ingest_settings(exec_properties)
+    newest = int(exec_properties[example_gen_utils.SPAN_PROPERTY_NAME])
+    if settings.span_window == 1:
+        splits = _input_config(exec_properties).splits
+        return (newest,), {split.name: [split.pattern] for split in splits}
+    first = newest - settings.span_window + 1
+    if first < 0:
+        raise ValueError(
+            f"ImageExampleGen: span_window={settings.span_window} ending at span {newest} "
+            f"would need spans {first}..{newest}, below span 0"
+        )
+    spans = tuple(range(first, newest + 1))
+    patterns = {
+        name: [_pattern_for_span(pattern, span) for span in spans]
+        for name, pattern in settings.span_patterns.items()
+    }
+    _check_window_exists(exec_properties[standard_component_specs.INPUT_BASE_KEY], spans, patterns)
+    return spans, patterns
+
+
+def _input_config(exec_properties):
+    """The exec properties' input config (after the driver: patterns of the resolved span)."""
+    return proto_utils.json_to_proto(
+        exec_properties[standard_component_specs.INPUT_CONFIG_KEY], example_gen_pb2.Input()
+    )
+
+
+def _pattern_for_span(pattern, span):
+    return example_gen_utils.get_pattern_for_span_version(
+        pattern,
+        is_match_span=True,
+        is_match_date=False,
+        is_match_version=False,
+        span=span,
+        version=None,
+    )
+
+
+def _check_window_exists(input_base, spans, patterns):
+    missing = [
+        f"span {span}: no files match {os.path.join(input_base, pattern)}"
+        for split_patterns in patterns.values()
+        for span, pattern in zip(spans, split_patterns, strict=True)
+        if not fileio.glob(os.path.join(input_base, pattern))
+    ]
+    if missing:
+        raise ValueError(
+            f"ImageExampleGen: the span window {spans[0]}..{spans[-1]} needs every split of "
+            "every span; missing:\n  " + "\n  ".join(missing)
+        )
 
 
 def _example(image_bytes, label, variant, distortion):
@@ -115,18 +239,22 @@ class _TFRecordToExamples(beam.DoFn):
 
     def process(self, path):
         compression = "GZIP" if path.lower().endswith(".gz") else ""
-        records = tf.data.TFRecordDataset(path, compression_type=compression)
+        dataset = tf.data.TFRecordDataset(path, compression_type=compression)
         try:
-            for index, record in enumerate(records.as_numpy_iterator()):
-                example, problem = self._check(record)
-                if problem is not None:
-                    yield beam.pvalue.TaggedOutput(_REJECTED, f"{path} record {index} {problem}")
-                else:
-                    yield example
+            records = list(dataset.as_numpy_iterator())  # all or nothing: a file reads to its end
         except tf.errors.DataLossError as error:
             yield beam.pvalue.TaggedOutput(
-                _REJECTED, f"{path} is not a readable TFRecord file ({error.message})"
+                _REJECTED,
+                f"{path} is not a readable TFRecord file ({tf_reason(error.message)}); "
+                "none of its records are used",
             )
+            return
+        for index, record in enumerate(records):
+            example, problem = self._check(record)
+            if problem is not None:
+                yield beam.pvalue.TaggedOutput(_REJECTED, f"{path} record {index} {problem}")
+            else:
+                yield example
 
     def _check(self, record):
         try:
@@ -155,27 +283,35 @@ class _TFRecordToExamples(beam.DoFn):
 @beam.typehints.with_input_types(beam.Pipeline)
 @beam.typehints.with_output_types(tf.train.Example)
 def _InputToExamples(pipeline, exec_properties, split_pattern):
-    """Reads one input split (images and/or TFRecords) into tf.Examples."""
-    shape, _, labels_file = ingest_settings(exec_properties)
+    """Reads one input split (images and/or TFRecords) of every span of the window."""
+    settings = ingest_settings(exec_properties)
     input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
-    images, tfrecords = image_listing.list_split(input_base, split_pattern, labels_file)
+    patterns = exec_properties[_SPAN_PATTERNS_KEY][split_pattern]
+    images, tfrecords = [], []
+    for pattern in patterns:
+        span_images, span_tfrecords = image_listing.list_split(
+            input_base, pattern, settings.labels_file
+        )
+        images += span_images
+        tfrecords += span_tfrecords
     logging.info(
-        "ImageExampleGen: %s matches %d image and %d TFRecord files; image shape %s",
-        split_pattern,
+        "ImageExampleGen: %s match %d image and %d TFRecord files; image shape %s",
+        ", ".join(patterns),
         len(images),
         len(tfrecords),
-        format_shape(shape),
+        format_shape(settings.image_shape),
     )
     from_images = (
         pipeline
         | "ListImages" >> beam.Create(images, reshuffle=True)
-        | "DecodeImages" >> beam.ParDo(_ImageToExample(shape)).with_outputs(_REJECTED, main="ok")
+        | "DecodeImages"
+        >> beam.ParDo(_ImageToExample(settings.image_shape)).with_outputs(_REJECTED, main="ok")
     )
     from_tfrecords = (
         pipeline
         | "ListTFRecords" >> beam.Create(tfrecords)
         | "ReadTFRecords"
-        >> beam.ParDo(_TFRecordToExamples(shape)).with_outputs(_REJECTED, main="ok")
+        >> beam.ParDo(_TFRecordToExamples(settings.image_shape)).with_outputs(_REJECTED, main="ok")
     )
     rejects_name = hashlib.sha256(split_pattern.encode()).hexdigest()[:16]
     _ = (
@@ -197,19 +333,26 @@ class Executor(BaseExampleGenExecutor):
         return _InputToExamples
 
     def Do(self, input_dict, output_dict, exec_properties):
-        _, max_bad_files, _ = ingest_settings(exec_properties)
+        max_bad_files = ingest_settings(exec_properties).max_bad_files
+        spans, patterns = window_inputs(exec_properties)
+        input_config = _input_config(exec_properties)
         rejects_dir = os.path.join(self._get_tmp_dir(), "rejected")
         fileio.makedirs(rejects_dir)
-        super().Do(input_dict, output_dict, {**exec_properties, _REJECTS_DIR_KEY: rejects_dir})
+        span_patterns = {split.pattern: patterns[split.name] for split in input_config.splits}
+        super().Do(
+            input_dict,
+            output_dict,
+            {**exec_properties, _REJECTS_DIR_KEY: rejects_dir, _SPAN_PATTERNS_KEY: span_patterns},
+        )
         rejected = _read_rejected(rejects_dir)
         if len(rejected) > max_bad_files:
             raise ValueError(
-                f"ImageExampleGen: {len(rejected)} bad input file(s), more than max_bad_files="
+                f"ImageExampleGen: {len(rejected)} bad input(s), more than max_bad_files="
                 f"{max_bad_files} allows skipping:\n  " + "\n  ".join(rejected)
             )
         if rejected:
             logging.warning(
-                "ImageExampleGen skipped %d bad input file(s):\n  %s",
+                "ImageExampleGen skipped %d bad input(s):\n  %s",
                 len(rejected),
                 "\n  ".join(rejected),
             )
@@ -218,6 +361,18 @@ class Executor(BaseExampleGenExecutor):
         )
         examples.set_int_custom_property(SKIPPED_COUNT_PROPERTY, len(rejected))
         examples.set_json_value_custom_property(SKIPPED_FILES_PROPERTY, rejected)
+        examples.set_json_value_custom_property(SPANS_PROPERTY, list(spans))
+
+
+def ingested_spans(examples):
+    """The spans an Examples artifact of this component holds, oldest first.
+
+    Artifacts written before `spans` was recorded hold their `span` only.
+    """
+    spans = examples.get_json_value_custom_property(SPANS_PROPERTY)
+    if spans is None:
+        return (examples.get_int_custom_property(example_gen_utils.SPAN_PROPERTY_NAME),)
+    return tuple(int(span) for span in spans)
 
 
 def _read_rejected(rejects_dir):
@@ -229,16 +384,29 @@ def _read_rejected(rejects_dir):
 
 
 class _Driver(driver.FileBasedDriver):
-    """FileBasedDriver whose span-resolution errors say which input was looked for."""
+    """FileBasedDriver whose errors say which input was looked for; it fingerprints windows.
+
+    With a span window the fingerprint covers every split of every span of the window.
+    """
 
     def resolve_exec_properties(self, exec_properties, pipeline_info, component_info):
+        exec_properties = self._resolve_newest_span(exec_properties, pipeline_info, component_info)
+        spans, patterns = window_inputs(exec_properties)
+        if len(spans) > 1:
+            input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+            exec_properties[example_gen_utils.FINGERPRINT_PROPERTY_NAME] = "\n".join(
+                f"span:{span}," + io_utils.generate_fingerprint(name, os.path.join(input_base, p))
+                for name, split_patterns in patterns.items()
+                for span, p in zip(spans, split_patterns, strict=True)
+            )
+        return exec_properties
+
+    def _resolve_newest_span(self, exec_properties, pipeline_info, component_info):
         try:
             return super().resolve_exec_properties(exec_properties, pipeline_info, component_info)
         except ValueError as error:
-            input_config = proto_utils.json_to_proto(
-                exec_properties[standard_component_specs.INPUT_CONFIG_KEY], example_gen_pb2.Input()
-            )
-            patterns = ", ".join(f"{split.name}: {split.pattern}" for split in input_config.splits)
+            splits = _input_config(exec_properties).splits
+            patterns = ", ".join(f"{split.name}: {split.pattern}" for split in splits)
             raise ValueError(
                 f"ImageExampleGen found no input under "
                 f"{exec_properties.get(standard_component_specs.INPUT_BASE_KEY)} ({patterns}): "
@@ -253,8 +421,10 @@ class ImageExampleGen(FileBasedExampleGen):
     Args: `input_base` (the data root); `input_config` (default: `span_input_config()`),
     `output_config` (e.g. hash buckets), `range_config` as for any FileBasedExampleGen;
     `image_shape` (height, width, channels) every image must decode to; `max_bad_files`, how
-    many bad files a run may skip (default 0: any bad file fails the run); `labels_file`, the
-    name of CSVs (`file,label`) that give labels instead of the folder names.
+    many bad inputs (files, or records of TFRecord files) a run may skip (default 0: any bad
+    input fails the run); `labels_file`, the name of CSVs (`file,label`) that give labels
+    instead of the folder names; `span_window`, how many spans up to the resolved one to
+    ingest (default 1).
     """
 
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
@@ -269,11 +439,15 @@ class ImageExampleGen(FileBasedExampleGen):
         image_shape=DEFAULT_IMAGE_SHAPE,
         max_bad_files=0,
         labels_file=None,
+        span_window=1,
     ):
+        input_config = input_config or span_input_config()
         super().__init__(
             input_base=input_base,
-            input_config=input_config or span_input_config(),
+            input_config=input_config,
             output_config=output_config,
-            custom_config=ingest_config(image_shape, max_bad_files, labels_file),
+            custom_config=ingest_config(
+                image_shape, max_bad_files, labels_file, span_window, input_config
+            ),
             range_config=range_config,
         )

@@ -109,11 +109,17 @@ class _CsvTables:
 
 
 def _read_table(csv_path, columns):
-    """{normalized file path: row} of the CSV at `csv_path`, which must have `columns`."""
+    """{normalized file path: row} of the CSV at `csv_path`, whose rows must fill `columns`."""
     with fileio.open(csv_path, "r") as handle:
         reader = csv.DictReader(io.StringIO(handle.read()))
         missing = [column for column in columns if column not in (reader.fieldnames or ())]
         if missing:
             raise ValueError(f"{csv_path}: missing column(s) {missing}; it has {reader.fieldnames}")
         folder = os.path.dirname(csv_path)
-        return {os.path.normpath(os.path.join(folder, row["file"])): row for row in reader}
+        table = {}
+        for row in reader:
+            for column in columns:
+                if not row[column]:  # None: the row is too short; '': the field is empty
+                    raise ValueError(f"{csv_path}, line {reader.line_num}: no {column!r} value")
+            table[os.path.normpath(os.path.join(folder, row["file"]))] = row
+        return table

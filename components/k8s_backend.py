@@ -11,9 +11,14 @@ place (the survivors fail on the broken collective and restart too), `backoffLim
 restarts, and the Trainer module's BackupAndRestore checkpoint on the shared volume lets the
 group resume. The pipeline root lives on a PersistentVolumeClaim mounted at the same path in
 every worker, so the paths in the worker spec are valid there.
+
+Cleanup does not rely on the trainer alone: the Job has an `activeDeadlineSeconds` and a
+`ttlSecondsAfterFinished`, belongs to the retraining pod when the trainer runs in one, and
+owns the Service (created right after it, long before a worker resolves its peers).
 """
 
 import logging
+import os
 import threading
 import time
 
@@ -22,7 +27,7 @@ from kubernetes import config as kube_config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from components.multiworker_config import MultiWorkerConfig
+from components.multiworker_config import KubernetesConfig, MultiWorkerConfig
 from components.worker_launcher import WorkerGroupError
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,40 @@ log = logging.getLogger(__name__)
 CONTAINER = "worker"
 JOB_LABEL = "stn-pipeline/job"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# The retraining pod's namespace, name and uid, from the downward API (k8s/base).
+NAMESPACE_ENV, POD_NAME_ENV, POD_UID_ENV = "STN_NAMESPACE", "STN_POD_NAME", "STN_POD_UID"
+DEFAULT_NAMESPACE = "default"
+# A finished worker Job (and with it, its Service) stays this long for inspection when
+# nobody deleted it: the trainer was killed before its cleanup ran.
+FINISHED_TTL_S = 24 * 3600
+# How often the pods are checked while the Job does not change.
+CHECK_INTERVAL_S = 30
+# How long a worker may wait on a fault that can pass: the kubelet retries a pull at 10, 20,
+# 40, 80 s, and a container config may wait on a Secret or ConfigMap being created.
+RETRY_GRACE_S = 120
+# Waiting reasons of a worker container that stop the group: (what is wrong, grace in s).
+STUCK_REASONS = {
+    "InvalidImageName": ("image", 0),
+    "ErrImageNeverPull": ("image", 0),
+    "ErrImagePull": ("image", RETRY_GRACE_S),
+    "ImagePullBackOff": ("image", RETRY_GRACE_S),
+    "CreateContainerConfigError": ("container config", RETRY_GRACE_S),
+    "CreateContainerError": ("container config", RETRY_GRACE_S),
+}
+
+
+def worker_namespace(k8s: KubernetesConfig, environ=os.environ) -> str:
+    """The configured namespace, else the retraining pod's (`STN_NAMESPACE`), else default."""
+    return k8s.namespace or environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE
+
+
+def retraining_pod_owner(namespace: str, environ=os.environ) -> dict | None:
+    """An owner reference to the pod this process runs in (downward API), if it is in
+    `namespace`: deleting that pod then deletes the workers' Job and Service too."""
+    name, uid = environ.get(POD_NAME_ENV), environ.get(POD_UID_ENV)
+    if not (name and uid) or environ.get(NAMESPACE_ENV) != namespace:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
 
 
 def worker_hosts(name: str, num_workers: int, port: int) -> list[str]:
@@ -37,21 +76,26 @@ def worker_hosts(name: str, num_workers: int, port: int) -> list[str]:
     return [f"{name}-{i}.{name}:{port}" for i in range(num_workers)]
 
 
-def _metadata(name: str, namespace: str) -> dict:
-    return {
+def _metadata(name: str, namespace: str, owner: dict | None) -> dict:
+    metadata = {
         "name": name,
         "namespace": namespace,
         "labels": {"app.kubernetes.io/managed-by": "stn-pipeline", JOB_LABEL: name},
     }
+    if owner:
+        metadata["ownerReferences"] = [owner]
+    return metadata
 
 
-def build_service(name: str, config: MultiWorkerConfig) -> dict:
+def build_service(
+    name: str, config: MultiWorkerConfig, namespace: str, owner: dict | None = None
+) -> dict:
     """The headless Service that gives each worker pod a stable DNS name."""
     k8s = config.kubernetes
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, k8s.namespace),
+        "metadata": _metadata(name, namespace, owner),
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_LABEL: name},
@@ -61,17 +105,18 @@ def build_service(name: str, config: MultiWorkerConfig) -> dict:
     }
 
 
-def build_job(name: str, spec_path: str, config: MultiWorkerConfig) -> dict:
+def build_job(
+    name: str, spec_path: str, config: MultiWorkerConfig, namespace: str, owner: dict | None = None
+) -> dict:
     """The Indexed Job of `config.num_workers` workers running `run_fn` from `spec_path`."""
     k8s = config.kubernetes
     hosts = ",".join(worker_hosts(name, config.num_workers, k8s.port))
     # Limits equal requests (Guaranteed QoS): a worker that is throttled or evicted stalls the
     # whole group on the next collective.
-    requests = {key: value for key, value in (("cpu", k8s.cpu), ("memory", k8s.memory)) if value}
-    limits = dict(requests)
+    requests = {"cpu": k8s.cpu, "memory": k8s.memory}
     if k8s.gpus_per_worker:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(k8s.gpus_per_worker)
-    resources = {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+        requests["nvidia.com/gpu"] = str(k8s.gpus_per_worker)
+    resources = {"requests": requests, "limits": dict(requests)}
     container = {
         "name": CONTAINER,
         "image": k8s.image,
@@ -120,7 +165,7 @@ def build_job(name: str, spec_path: str, config: MultiWorkerConfig) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(name, k8s.namespace),
+        "metadata": _metadata(name, namespace, owner),
         "spec": {
             "completionMode": "Indexed",
             "completions": config.num_workers,
@@ -128,17 +173,32 @@ def build_job(name: str, spec_path: str, config: MultiWorkerConfig) -> dict:
             # One broken worker makes every worker fail on the collective: a group restart
             # costs num_workers container restarts.
             "backoffLimit": config.max_restarts * config.num_workers,
+            # Kubernetes itself stops and removes the workers if the trainer cannot.
+            "activeDeadlineSeconds": k8s.poll_timeout_s,
+            "ttlSecondsAfterFinished": FINISHED_TTL_S,
             "template": {"metadata": {"labels": {JOB_LABEL: name}}, "spec": pod_spec},
         },
     }
 
 
+def _container_run(pod) -> tuple[str, int] | None:
+    """(pod name, restart count) of the worker container's current run once it started."""
+    for status in pod.status.container_statuses or []:
+        if (
+            status.name == CONTAINER
+            and status.state
+            and (status.state.running or status.state.terminated)
+        ):
+            return pod.metadata.name, status.restart_count
+    return None
+
+
 class _PodLogs:
-    """Copies each worker pod's log into this process's log as `[worker-i] ...`."""
+    """Copies each run of each worker container into this process's log as `[worker-i] ...`."""
 
     def __init__(self, core: client.CoreV1Api, namespace: str, name: str):
         self.core, self.namespace, self.name = core, namespace, name
-        self.seen: set[str] = set()
+        self.read: set[tuple[str, int]] = set()
         self.threads: list[threading.Thread] = []
 
     def pods(self) -> list:
@@ -146,30 +206,36 @@ class _PodLogs:
             self.namespace, label_selector=f"{JOB_LABEL}={self.name}"
         ).items
 
-    def follow_started(self) -> None:
-        """Starts following the pods whose container has started."""
-        for pod in self.pods():
-            if pod.metadata.name not in self.seen and pod.status.phase != "Pending":
-                self._start(pod, follow=True)
+    def follow_started(self, pods) -> None:
+        """Follows the worker containers that started since the last call (restarts too)."""
+        for pod in pods:
+            run = _container_run(pod)
+            if run and run not in self.read:
+                self._start(pod, run, follow=True)
 
     def finish(self) -> None:
-        """Reads the pods never followed, then waits for the followers."""
+        """Waits for the followers, then reads the container runs never read (a read that
+        found its container waiting is among them)."""
+        self._join()
         for pod in self.pods():
-            if pod.metadata.name not in self.seen:
-                self._start(pod, follow=False)
+            run = _container_run(pod)
+            if run and run not in self.read:
+                self._start(pod, run, follow=False)
+        self._join()
+
+    def _join(self) -> None:
         for thread in self.threads:
             thread.join()
 
-    def _start(self, pod, follow: bool) -> None:
-        self.seen.add(pod.metadata.name)
+    def _start(self, pod, run: tuple[str, int], follow: bool) -> None:
+        self.read.add(run)
         index = (pod.metadata.annotations or {}).get(INDEX_ANNOTATION, "?")
-        thread = threading.Thread(
-            target=self._copy, args=(pod.metadata.name, index, follow), daemon=True
-        )
+        thread = threading.Thread(target=self._copy, args=(run, index, follow), daemon=True)
         thread.start()
         self.threads.append(thread)
 
-    def _copy(self, pod_name: str, index: str, follow: bool) -> None:
+    def _copy(self, run: tuple[str, int], index: str, follow: bool) -> None:
+        pod_name = run[0]
         try:
             response = self.core.read_namespaced_pod_log(
                 pod_name,
@@ -181,7 +247,63 @@ class _PodLogs:
             for line in iter_resp_lines(response):
                 log.info("[worker-%s] %s", index, line)
         except ApiException as e:
-            log.warning("[worker-%s] no log from pod %s: %s", index, pod_name, e.reason)
+            if e.status == 400:  # the container is waiting (to start, or to restart): retry
+                self.read.discard(run)
+                log.debug("[worker-%s] log of pod %s not ready: %s", index, pod_name, e.body)
+            else:
+                log.warning("[worker-%s] no log from pod %s: %s", index, pod_name, e.reason)
+
+
+def _waiting_reason(pod) -> tuple[str, str] | None:
+    """(reason, message) of why a worker pod has not started: no node takes it, or its
+    container waits (ContainerCreating, ImagePullBackOff, ...); None once it started."""
+    for condition in pod.status.conditions or []:
+        if condition.type == "PodScheduled" and condition.status == "False":
+            return condition.reason or "Unscheduled", condition.message or ""
+    for status in pod.status.container_statuses or []:
+        waiting = status.name == CONTAINER and status.state and status.state.waiting
+        if waiting:
+            message = " ".join(filter(None, [waiting.message, f"(image {status.image})"]))
+            return waiting.reason or "Waiting", message
+    return None
+
+
+class _StartupWatch:
+    """Logs why worker pods wait, and fails the group when one cannot start: no node takes it
+    for `unschedulable_grace_s`, or its image or container config is broken (STUCK_REASONS)."""
+
+    def __init__(self, namespace: str, unschedulable_grace_s: int):
+        self.namespace = namespace
+        self.unschedulable_grace_s = unschedulable_grace_s
+        self.logged: set[tuple[str, str]] = set()
+        self.since: dict[tuple[str, str], float] = {}  # (pod, what is wrong): first seen
+
+    def _trouble(self, reason: str) -> tuple[str, int] | None:
+        if reason == "Unschedulable":
+            return "scheduling", self.unschedulable_grace_s
+        return STUCK_REASONS.get(reason)
+
+    def check(self, pods, now: float) -> None:
+        """Raises WorkerGroupError for a pod stuck past its grace; `now` is time.monotonic()."""
+        stuck = {}
+        for pod in pods:
+            waiting = _waiting_reason(pod)
+            if waiting is None:
+                continue
+            name, (reason, message) = pod.metadata.name, waiting
+            trouble = self._trouble(reason)
+            if (name, reason) not in self.logged:
+                self.logged.add((name, reason))
+                gives_up = f"; giving up after {trouble[1]} s" if trouble else ""
+                log.info("worker pod %s is waiting: %s: %s%s", name, reason, message, gives_up)
+            if trouble:
+                stuck[name, trouble[0]] = reason, message, trouble[1]
+        self.since = {key: self.since.get(key, now) for key in stuck}
+        for key, (reason, message, grace) in stuck.items():
+            if now - self.since[key] >= grace:
+                raise WorkerGroupError(
+                    f"worker pod {self.namespace}/{key[0]} cannot start: {reason}: {message}"
+                )
 
 
 def _job_outcome(job) -> tuple[str, str] | None:
@@ -208,21 +330,24 @@ def _pod_failures(pods) -> list[str]:
 
 
 def _wait_for_job(
-    batch: client.BatchV1Api, namespace: str, name: str, logs: _PodLogs, timeout_s: int
+    batch: client.BatchV1Api, namespace: str, name: str, check_pods, timeout_s: int
 ) -> tuple[str, str]:
+    """Watches the Job to its end, calling `check_pods()` on each change and at least every
+    CHECK_INTERVAL_S (pods that cannot start do not change the Job)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         stream = watch.Watch().stream(
             batch.list_namespaced_job,
             namespace,
             field_selector=f"metadata.name={name}",
-            timeout_seconds=max(1, int(deadline - time.monotonic())),
+            timeout_seconds=max(1, int(min(left, CHECK_INTERVAL_S))),
         )
         for event in stream:
-            logs.follow_started()
             outcome = _job_outcome(event["object"])
             if outcome:
                 return outcome
+            check_pods()
+        check_pods()
     raise WorkerGroupError(f"job {namespace}/{name} did not finish within {timeout_s} s")
 
 
@@ -243,10 +368,22 @@ def default_api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+def _owner_reference(job: client.V1Job) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+    }
+
+
 def run_on_kubernetes(
     name: str, spec_path: str, config: MultiWorkerConfig, api_client: client.ApiClient | None = None
 ) -> None:
-    """Runs the workers as Job `name`, streams their logs, reports failure, cleans up."""
+    """Runs the workers as Job `name`, streams their logs, reports failure, cleans up.
+
+    The Job belongs to the retraining pod when it runs in one (`retraining_pod_owner`), the
+    Service to the Job: whatever stops the trainer, Kubernetes removes the workers."""
     k8s = config.kubernetes
     if not spec_path.startswith(k8s.mount_path.rstrip("/") + "/"):
         raise ValueError(
@@ -255,13 +392,22 @@ def run_on_kubernetes(
         )
     api_client = api_client or default_api_client()
     core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
-    namespace = k8s.namespace
-    core.create_namespaced_service(namespace, build_service(name, config))
+    namespace = worker_namespace(k8s)
+    job = build_job(name, spec_path, config, namespace, retraining_pod_owner(namespace))
+    created = batch.create_namespaced_job(namespace, job)
     try:
-        batch.create_namespaced_job(namespace, build_job(name, spec_path, config))
+        service = build_service(name, config, namespace, _owner_reference(created))
+        core.create_namespaced_service(namespace, service)
         log.info("created job %s/%s with %d workers", namespace, name, config.num_workers)
         logs = _PodLogs(core, namespace, name)
-        outcome, detail = _wait_for_job(batch, namespace, name, logs, k8s.poll_timeout_s)
+        startup = _StartupWatch(namespace, k8s.unschedulable_grace_s)
+
+        def check_pods():
+            pods = logs.pods()
+            logs.follow_started(pods)
+            startup.check(pods, time.monotonic())
+
+        outcome, detail = _wait_for_job(batch, namespace, name, check_pods, k8s.poll_timeout_s)
         logs.finish()
         if outcome == "Failed":
             failures = "\n".join(_pod_failures(logs.pods())) or "(no failed container seen)"

@@ -2,7 +2,8 @@
 
 The component runs ``python -m components.model_check MODEL_DIR`` in a new process, which
 loads the SavedModel with `tf.saved_model.load` and sends a canned request of encoded images
-(a PNG of the model's size, a smaller RGB PNG, a JPEG) through ``serving_default``; the
+(a 42 x 42 grey PNG, the default input size; a 28 x 28 RGB PNG; a 42 x 42 JPEG: the
+serving signature must bring any of them to the model's size) through ``serving_default``; the
 answer must have ``probabilities`` [3, K] float32 rows summing to 1 and ``classes`` [3] int64
 equal to their argmax, and ``rectify`` must answer too. The result is an ``InfraBlessing``
 artifact (custom property ``blessed`` 1 or 0, ``reason`` in words) that the Pusher requires.

@@ -34,6 +34,19 @@ def tf_config_for(hosts: list[str], index: int) -> dict:
     return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
 
 
+def worker_index(index: int | None, environ) -> int:
+    """`--index`, else the Indexed Job's `JOB_COMPLETION_INDEX`."""
+    if index is not None:
+        return index
+    value = environ.get("JOB_COMPLETION_INDEX")
+    if value is None or not value.isdigit():
+        raise ValueError(
+            "--cluster needs this worker's index: pass --index or set JOB_COMPLETION_INDEX "
+            f"(an Indexed Job sets it), got JOB_COMPLETION_INDEX={value!r}"
+        )
+    return int(value)
+
+
 def task_of(tf_config: dict) -> tuple[int, int, bool]:
     """(ordinal, number of workers, is chief) of this task; the chief task, if any, is 0."""
     cluster = tf_config.get("cluster") or {}
@@ -122,9 +135,7 @@ def main(argv=None) -> int:
     for noisy in ("absl", "apache_beam", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cluster:
-        index = args.index
-        if index is None:
-            index = int(os.environ.get("JOB_COMPLETION_INDEX", "-1"))
+        index = worker_index(args.index, os.environ)
         config = tf_config_for(args.cluster.split(","), index)
         os.environ["TF_CONFIG"] = json.dumps(config)
     run_worker(args.spec)

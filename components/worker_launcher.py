@@ -5,10 +5,14 @@ its own `TF_CONFIG` (a cluster of N free loopback ports). Every line a worker pr
 this process's log as `[worker-i] ...`. When a worker fails, the others are stopped and the
 whole group starts again (new ports), up to `max_restarts` times; the Trainer module's
 `BackupAndRestore` checkpoint lets training resume where the last checkpoint left it.
+
+Workers never outlive the launcher: it stops them on the way out (`stn-pipeline` turns SIGTERM
+into SystemExit), and on Linux the kernel kills them when the launcher dies without cleanup.
 """
 
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,8 +25,10 @@ import time
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 25
+WORKER_MODULE = "components.multiworker_worker"
 _POLL_S = 0.2
 _STOP_GRACE_S = 10
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class WorkerGroupError(RuntimeError):
@@ -52,6 +58,25 @@ def checkpoint_step(backup_dir: str) -> int | None:
     )
 
 
+def _die_with_launcher():
+    """A `preexec_fn` that has Linux SIGKILL the worker when the launcher's thread that started
+    it ends (the one waiting in `run_group`), even by SIGKILL; None elsewhere. It runs in the
+    child between fork and exec, where Python is unsafe in a threaded process, so it does as
+    little as it can: one prctl and one getppid, everything else looked up before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    launcher = os.getpid()
+    kill = int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, kill)
+        if os.getppid() != launcher:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
 class _Worker:
     """One worker process and the threads that copy its output into the log."""
 
@@ -59,7 +84,11 @@ class _Worker:
         self.index = index
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_launcher(),
         )
         log.info("[launcher] started worker-%d, pid %d", index, self.process.pid)
         self._readers = [
@@ -108,11 +137,13 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def run_group(spec_path: str, num_workers: int) -> str | None:
-    """Runs one group of workers to the end; returns None on success, else the first failure."""
+def run_group(spec_path: str, num_workers: int, worker_module: str = WORKER_MODULE) -> str | None:
+    """Runs one group of workers (`python -m worker_module SPEC --cluster H --index I`) to the
+    end; returns None on success, else the first failure. The workers stop when it returns or
+    raises (SystemExit included)."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_loopback_ports(num_workers))
     log.info("[launcher] cluster: %s", hosts)
-    base = [sys.executable, "-m", "components.multiworker_worker", spec_path, "--cluster", hosts]
+    base = [sys.executable, "-m", worker_module, spec_path, "--cluster", hosts]
     env = _worker_env()
     workers = [_Worker(i, [*base, "--index", str(i)], env) for i in range(num_workers)]
     try:

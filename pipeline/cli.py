@@ -6,9 +6,12 @@ stays fast.
 """
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 COMMAND_MODULES = [
     "pipeline.data_cmd",
@@ -33,6 +36,25 @@ def build_parser():
     return parser
 
 
+def _exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """SIGTERM (how Kubernetes and process managers stop a process) raises SystemExit inside,
+    so `finally:` blocks run: training workers stop, worker Jobs are deleted. A command may
+    install its own handler (`serve` does). Only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,7 +66,8 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    with sigterm_exits():
+        return args.func(args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ ValueError that names the file and the field.
 """
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 
@@ -30,6 +32,17 @@ MODELS = (
 )
 # The models whose transformer the rotation equivariance loss can train (a composable one).
 EQUIVARIANT_MODELS = ("st_cnn_affine", "st_cnn_similarity", "st_cnn_projective", "st_fcn")
+# A model name is a directory under serving/ and a segment of the URL /v1/models/<name>.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_model_name(name, field="model_name"):
+    """Raise a ValueError naming `field` unless `name` can be both that directory and segment."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"{field} must be letters, digits, '_', '-' and '.', not starting with '.', "
+            f"got {name!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +84,8 @@ class PipelineConfig:
     # Multi-worker training: the settings of components.multiworker_config.MultiWorkerConfig
     # (empty: one worker, the stock Trainer; num_workers defaults to 1 here)
     multiworker: dict = dataclasses.field(default_factory=dict)
-    # Data spans: ingest span `span` (default: the newest); train on the last `span_window`
+    # Data spans: ingest span `span` (default: the newest), or spans span-K+1..span together
+    # with `span_window` K, and train on what was ingested
     span: int | None = None
     span_window: int = 1
     warm_start_model: str | None = None  # a pushed SavedModel whose weights training starts from
@@ -101,6 +115,8 @@ class PipelineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"config field 'seed' must be >= 0, got {self.seed}")
         for name in ("train_steps", "eval_steps", "span", "localization_hidden_units"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -143,10 +159,7 @@ class PipelineConfig:
         for name in ("pipeline_name", "model_name", "home", "container_image"):
             if not getattr(self, name):
                 raise ValueError(f"config field {name!r} must not be empty")
-        if "/" in self.model_name:
-            raise ValueError(
-                f"config field 'model_name' must not contain '/', got {self.model_name!r}"
-            )
+        check_model_name(self.model_name, "config field 'model_name'")
         try:
             self.multiworker_config()
         except (ValueError, TypeError) as error:
@@ -238,7 +251,9 @@ def _has_type(value, annotation):
     if typing.get_origin(annotation) is tuple:
         return isinstance(value, tuple) and all(isinstance(item, str) for item in value)
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, annotation)
@@ -247,7 +262,7 @@ def _has_type(value, annotation):
 def _type_name(name):
     names = {
         int: "an integer",
-        float: "a number",
+        float: "a finite number",
         str: "a string",
         bool: "true or false",
         dict: "a mapping",
@@ -263,7 +278,7 @@ def _type_name(name):
 
 def _check_names(values, where):
     known = set(_FIELD_TYPES)
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)  # YAML keys need not be strings
     if unknown:
         raise ValueError(f"{where}: unknown config field(s) {unknown}; known: {sorted(known)}")
 

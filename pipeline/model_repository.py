@@ -15,6 +15,8 @@ import threading
 
 import tensorflow as tf
 
+from pipeline.configs import check_model_name
+
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -101,8 +103,7 @@ class ModelRepository:
     """Loads the newest loadable version of one model and swaps it in when a newer one lands."""
 
     def __init__(self, base_dir, model_name):
-        if not model_name or any(char in model_name for char in "/:\\") or model_name[0] == ".":
-            raise ValueError(f"model_name must be a plain directory name, got {model_name!r}")
+        check_model_name(model_name)
         self.model_name = model_name
         self.model_dir = os.path.join(base_dir, model_name)
         self._served = None

@@ -10,13 +10,16 @@ predictor runs) reads the same `serving/<model_name>/<version>/` layout and answ
 requests, so clients need not change.
 
 Endpoints: `GET /v1/models/<name>[/versions/<N>]` (version status) and
-`POST /v1/models/<name>[/versions/<N>]:predict`.
+`POST /v1/models/<name>[/versions/<N>]:predict`; a query string is ignored. HEAD, PUT, DELETE,
+PATCH and OPTIONS are answered 405 with an `Allow` header; every error body is
+`{"error": "..."}`, Python's own refusals (a malformed request, an unknown method) included.
 """
 
 import json
 import logging
 import re
 import threading
+import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,6 +33,7 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<verb>:[a-z]+)?$"
 )
+_METHOD_OF_VERB = {None: "GET", ":predict": "POST"}  # the one method each endpoint answers
 
 
 def _tf_error_message(error):
@@ -119,50 +123,68 @@ class _Handler(BaseHTTPRequestHandler):
     def timeout(self):  # seconds a client may stall before its connection is closed
         return self.server.request_timeout_seconds
 
-    def do_GET(self):
-        self._answer("GET")
-
-    def do_POST(self):
-        self._answer("POST")
-
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _answer(self, method):
+    def send_error(self, code, message=None, explain=None):
+        """Python's own refusals (a malformed request line, an unknown method), in JSON too."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True  # the request was not understood, nor where the next starts
+        self._send_json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase}, {})
+
+    def _answer(self):
+        """Route the request and answer it; a refusal or a failure as {"error": ...}."""
+        headers = {}
         try:
-            status, payload = self._route(method)
+            status, payload = self._route()
         except RequestError as error:
             status, payload = HTTPStatus(error.status), {"error": str(error)}
+            headers = error.headers
         except Exception as error:  # a bug or a model failure: answer it, keep serving
-            log.exception("error answering %s %s", method, self.path)
+            log.exception("error answering %s %s", self.command, self.path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)}
+        self._send_json(status, payload, headers)
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
+
+    def _send_json(self, status, payload, headers):
+        """Answer `payload` as JSON, with `headers`; to a HEAD request, the headers alone."""
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-    def _route(self, method):
-        if method == "POST":  # settle the body first, so an early answer leaves no bytes unread
-            body = self._read_body()
-        match = _MODEL_PATH.match(self.path)
+    def _route(self):
+        body = self._read_body()  # first, so an early answer leaves no bytes unread
+        path = urllib.parse.urlsplit(self.path).path
+        match = _MODEL_PATH.match(path)
         if not match:
-            raise RequestError(f"no such endpoint: {self.path}", 404)
+            raise RequestError(f"no such endpoint: {path}", 404)
         name, verb = match["name"], match["verb"]
         version = int(match["version"]) if match["version"] else None
-        endpoints = self.server.endpoints
-        if method == "GET" and verb is None:
-            return endpoints.status(name, version)
-        if method == "POST" and verb == ":predict":
-            return HTTPStatus.OK, endpoints.predict(name, version, body)
-        raise RequestError(f"{method} {self.path} is not supported (only status and :predict)", 405)
+        allowed = _METHOD_OF_VERB.get(verb)
+        if self.command != allowed:
+            what = f"only {allowed}" if allowed else "only status and :predict"
+            raise RequestError(
+                f"{self.command} {path} is not supported ({what})", 405, {"Allow": allowed or ""}
+            )
+        if verb is None:
+            return self.server.endpoints.status(name, version)
+        return HTTPStatus.OK, self.server.endpoints.predict(name, version, body)
 
     def _read_body(self):
+        """The request body of any method: b"" without one; POST needs a Content-Length."""
         length = self.headers.get("Content-Length")
         if length is None:
+            if self.command != "POST" and "Transfer-Encoding" not in self.headers:
+                return b""
             self.close_connection = True
             raise RequestError("a Content-Length header is required", 411)
         if not length.isdigit():

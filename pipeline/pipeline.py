@@ -3,6 +3,10 @@
     ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
       -> Trainer -> Resolver (latest blessed model) -> Evaluator -> ModelCheck -> Pusher
 
+With `span_window` K > 1, ImageExampleGen ingests spans N-K+1..N as one Examples artifact, so
+the gate validates everything the Trainer trains on and the Evaluator evaluates on the eval
+split of the whole window.
+
 Orchestrator-neutral: `create_pipeline(config, metadata_connection_config, beam_pipeline_args)`
 returns a `tfx.dsl.Pipeline`; `pipeline.local_runner` runs it on one machine.
 """
@@ -91,24 +95,11 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         input_base=config.data_dir,
         image_shape=(config.image_size, config.image_size, 1),
         range_config=_span_range(config.span),
+        span_window=config.span_window,
     )
     validation = build_validation(example_gen.outputs["examples"])
 
-    training_examples = example_gen.outputs["examples"]
-    span_window = None
-    if config.span_window > 1:
-        # TFX 1.16's ExampleGen ingests one span per run: the window comes from the store.
-        span_window = tfx.dsl.Resolver(
-            strategy_class=tfx.dsl.experimental.SpanRangeStrategy,
-            config={
-                "range_config": tfx.proto.RangeConfig(
-                    rolling_range=tfx.proto.RollingRange(num_spans=config.span_window)
-                )
-            },
-            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
-        ).with_id("span_window_resolver")
-        training_examples = span_window.outputs["examples"]
-    trainer = _trainer(config, training_examples)
+    trainer = _trainer(config, example_gen.outputs["examples"])
     trainer.add_upstream_node(validation.gate)
 
     baseline = tfx.dsl.Resolver(
@@ -140,7 +131,6 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
     components = [
         example_gen,
         *validation.components(),
-        *([span_window] if span_window else []),
         trainer,
         baseline,
         evaluator,

@@ -14,11 +14,12 @@ import json
 
 
 class RequestError(ValueError):
-    """A request the server refuses; `status` is the HTTP status to answer with."""
+    """A request the server refuses; `status` is the HTTP status to answer with, plus `headers`."""
 
-    def __init__(self, message, status=400):
+    def __init__(self, message, status=400, headers=None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -274,10 +274,10 @@ def _image(name, alt):
 
 def _data_section(results):
     lines = [
-        f"<li>span {_text(span)}: "
+        f"<li>{_text(summary.span_label(spans))}: "
         + ", ".join(f"{_text(split)} {count:,}" for split, count in counts.items())
         + " examples</li>"
-        for span, counts in results.spans
+        for spans, counts in results.spans
     ]
     body = f"<ul>{''.join(lines)}</ul>" if lines else _note("no ingested data recorded")
     return f"<h2>Data</h2>{body}"

@@ -158,7 +158,7 @@ def _prop(artifact, name, default=None):
 
 @dataclasses.dataclass
 class RunReport:
-    spans: list  # (span, {split: example count})
+    spans: list  # (spans ingested together, {split: example count})
     anomalies: list  # sentences; empty when the data passed
     metrics: dict  # slice name -> {"candidate": acc, "baseline": acc, "examples": n}
     blessed: bool | None  # None: the Evaluator did not run
@@ -187,6 +187,8 @@ def _spans(nodes):
     from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
     from tfx.types import artifact_utils, standard_artifacts
 
+    from components.image_example_gen import ingested_spans
+
     examples = _artifact(nodes.get("ImageExampleGen"), "examples")
     statistics = _artifact(nodes.get("StatisticsGen"), "statistics")
     if examples is None:
@@ -197,7 +199,14 @@ def _spans(nodes):
         stats.set_mlmd_artifact(statistics)
         for split in artifact_utils.decode_split_names(stats.split_names):
             counts[split] = load_statistics(stats, split).proto().datasets[0].num_examples
-    return [(_prop(examples, "span", 0), counts)]
+    artifact = standard_artifacts.Examples()
+    artifact.set_mlmd_artifact(examples)
+    return [(ingested_spans(artifact), counts)]
+
+
+def span_label(spans):
+    """`span 3`, or `spans 2, 3` for a window ingested together."""
+    return f"span {spans[0]}" if len(spans) == 1 else "spans " + ", ".join(map(str, spans))
 
 
 def _anomalies(nodes):
@@ -315,9 +324,9 @@ def served_versions(serving_dir):
 def format_report(report):
     """The end-of-run summary as text."""
     lines = ["", "== Summary"]
-    for span, counts in report.spans:
+    for spans, counts in report.spans:
         sizes = ", ".join(f"{split} {count:,}" for split, count in counts.items())
-        lines.append(f"data: span {span} ({sizes} examples)")
+        lines.append(f"data: {span_label(spans)} ({sizes} examples)")
     if report.anomalies:
         lines.append(f"anomalies: {len(report.anomalies)}")
         lines.extend(f"  - {sentence}" for sentence in report.anomalies)

@@ -1,18 +1,32 @@
 """`stn-pipeline watch --data-root DIR`: retrain whenever a new span of data arrives.
 
 Polls DIR every --interval seconds for complete span-N folders; when one newer than every span
-trained on appears, runs the pipeline on it (or on the last --window spans), warm-started from
-the model being served, and the Pusher serves the new model only if the Evaluator blesses it.
+trained on appears, runs the pipeline on it (or on the last --window consecutive spans, ingested
+and validated together), warm-started from the model being served, and the Pusher serves the
+new model only if the Evaluator blesses it.
 No new data, no run. One watcher per home (a lock file); the spans trained on are kept in
 <home>/watch_state.json, so a restarted watcher carries on where it stopped.
 """
 
+import argparse
+import math
 import os
 import sys
 
 from pipeline import run_cmd
 
 EXIT_BUSY = 3
+
+
+def _seconds(text):
+    """--interval: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 def register(subparsers):
@@ -25,12 +39,15 @@ def register(subparsers):
         "--data-root", required=True, help="the data root whose span-N folders to watch"
     )
     parser.add_argument(
-        "--interval", type=float, default=300.0, help="seconds between polls (default 300)"
+        "--interval", type=_seconds, default=300.0, help="seconds between polls (default 300)"
     )
     parser.add_argument("--once", action="store_true", help="poll once, run if needed, exit")
     run_cmd.add_run_arguments(parser)
     parser.add_argument(
-        "--window", type=int, default=1, help="train on the last K spans (default 1: the newest)"
+        "--window",
+        type=int,
+        help="train on the last K consecutive spans, fewer while fewer exist (default: the "
+        "config's span_window, 1: the newest span)",
     )
     parser.set_defaults(func=run)
 
@@ -42,8 +59,6 @@ def run(args):
         print(line, flush=True)
 
     try:
-        if args.interval <= 0:
-            raise ValueError(f"--interval must be > 0 seconds, got {args.interval}")
         config = run_cmd.config_from_args(args)
         if not os.path.isdir(config.data_dir):
             raise ValueError(f"--data-root {config.data_dir} does not exist")
@@ -52,7 +67,7 @@ def run(args):
             config.data_dir,
             config.serving_dir,
             run_fn=watcher.pipeline_run_fn(config, report),
-            window=args.window,
+            window=config.span_window if args.window is None else args.window,
             report=report,
         )
     except ValueError as error:

@@ -5,9 +5,11 @@
 
 Each poll lists the complete spans (folders ``span-N``; a span being written is still called
 ``.span-N.partial``). When the newest is newer than every span already trained on, `run_fn`
-gets a `RunRequest`: the newest span, or the last `window` spans, and the newest served model
-(the last one the Evaluator blessed and the Pusher pushed) to warm-start from. No new span: no
-run.
+gets a `RunRequest`: the newest span N, or the window N-K+1..N of `window` K consecutive spans
+(shorter while fewer consecutive spans end at N: at the start, or after a gap in the numbers),
+and the newest served model (the last one the Evaluator blessed and the Pusher pushed) to
+warm-start from. No new span: no run. The pipeline ingests the window's spans together, and
+the spans recorded as trained on are those its ImageExampleGen ingested.
 
 Restart-safe: the spans trained on are recorded in ``<home>/watch_state.json``, written
 atomically (temp file + rename) only after a run finished, so a crash mid-run retrains that
@@ -70,12 +72,17 @@ def complete_spans(data_root):
 
 
 def next_spans(available, last_trained, window):
-    """The last `window` of `available` spans if the newest is past `last_trained`, else ()."""
+    """The consecutive spans, at most `window`, ending at the newest of `available` (ascending)
+    if it is past `last_trained`, else ()."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if not available or available[-1] <= last_trained:
         return ()
-    return tuple(available[-window:])
+    newest = available[-1]
+    spans = [newest]
+    while len(spans) < window and spans[0] - 1 in available:
+        spans.insert(0, spans[0] - 1)
+    return tuple(spans)
 
 
 class WatchState:
@@ -210,7 +217,11 @@ class Watcher:
 
 
 def run_config(config, request):
-    """`config` for one watcher run: the request's newest span, span window and warm start."""
+    """`config` for one watcher run: the request's newest span, span window and warm start.
+
+    The request's window replaces the config's `span_window`: the watcher's window (`--window`,
+    which defaults to the config's `span_window`) shortened to the consecutive spans that exist.
+    """
     return config.replace(
         span=request.spans[-1],
         span_window=len(request.spans),
@@ -228,10 +239,8 @@ def pipeline_run_fn(config, report=logger.info):
         local_runner.run_local(local_runner.local_pipeline(this_run))
         result = summary.run_report(this_run)
         report(summary.format_report(result))
-        return RunOutcome(
-            spans=tuple(span for span, _ in result.spans) or request.spans,
-            blessed=result.blessed,
-            pushed_to=result.pushed_to,
-        )
+        # The spans ingested (and so trained on), as ML Metadata records them.
+        spans = result.spans[0][0] if result.spans else request.spans
+        return RunOutcome(spans=spans, blessed=result.blessed, pushed_to=result.pushed_to)
 
     return run

@@ -2,7 +2,9 @@
 # Runs the benchmarks and prints their tables (installs into .venv first).
 #   bash scripts/bench.sh                      every benchmark; the accuracy one in --small mode
 #   bash scripts/bench.sh NAME [ARGS...]       one, e.g. `sampler --threads 1` or `accuracy`
-#                                              (the full accuracy table: about 80 min on 2 cores)
+#                                              (the full accuracy table: `accuracy --jobs 2`, 64
+#                                              min on 2 cores, measured; with the default --jobs 1
+#                                              about 80, an older estimate, never measured)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,6 +1,8 @@
 """Argument checks shared by the package: each returns the checked value or raises a ValueError
 that names the argument and what it got."""
 
+import numbers
+
 
 def check_int(value, name, minimum=1):
     """`value` if it is an integer (not a bool) >= `minimum`."""
@@ -9,23 +11,33 @@ def check_int(value, name, minimum=1):
     return value
 
 
+def _integral(value):
+    """`value` as an int: an integer (NumPy's too, not a bool) or an integral float such as
+    28.0; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(value)
+    if isinstance(value, numbers.Integral) or float(value).is_integer():
+        return int(value)
+    raise ValueError(value)
+
+
 def check_size(value, name="output_size"):
-    """(height, width) as positive ints."""
+    """(height, width) as positive ints; integral floats such as 28.0 are accepted."""
     try:
-        height, width = (int(v) for v in value)
+        height, width = (_integral(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be (height, width), got {value!r}") from None
+        raise ValueError(f"{name} must be (height, width) integers, got {value!r}") from None
     if height <= 0 or width <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return height, width
 
 
 def check_positive_ints(values, name, length):
-    """`values` as a tuple of `length` positive ints."""
+    """`values` as a tuple of `length` positive ints; integral floats such as 28.0 are accepted."""
     try:
-        values = tuple(int(v) for v in values)
+        ints = tuple(_integral(v) for v in values)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be {length} positive integers, got {values!r}") from None
-    if len(values) != length or min(values) <= 0:
+    if len(ints) != length or min(ints) <= 0:
         raise ValueError(f"{name} must be {length} positive integers, got {values!r}")
-    return values
+    return ints

@@ -124,7 +124,7 @@ class SpatialTransformer(keras.layers.Layer):
       transform: "affine", "similarity" (rotation, uniform scale and translation: the
         paper's Sec. 3.1 notes that a transform may be constrained), "projective" or "tps"
         (thin-plate spline on a K x K grid of control points, K = tps_grid_size).
-      tps_grid_size: K for transform="tps" (ignored otherwise).
+      tps_grid_size: K >= 2 for transform="tps" (ignored and not checked otherwise).
       padding_mode: where the grid leaves the input: "zeros" reads 0, "border" the nearest
         edge pixel.
       align_corners: the sampling convention of PyTorch's `F.grid_sample`. With the default
@@ -161,7 +161,8 @@ class SpatialTransformer(keras.layers.Layer):
             )
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-        check_int(tps_grid_size, "tps_grid_size", minimum=2)
+        if transform == "tps":
+            check_int(tps_grid_size, "tps_grid_size", minimum=2)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         check_int(iterations, "iterations")
@@ -213,8 +214,11 @@ class SpatialTransformer(keras.layers.Layer):
 
     def find_transform(self, images, training=None):
         """The parameters [B, P] (float32) of the transform all passes find for `images`,
-        laid out as in `identity_parameters`; `rectify` without the sampling."""
+        laid out as in `identity_parameters`; `rectify` without the sampling. A layer not yet
+        called is built for the shape of `images`."""
         images = tf.cast(images, self.compute_dtype)
+        if not self.built:
+            self.build(images.shape)
         if self.affine_head is None:
             return self._refine(images, self.head, self.transform, self.iterations, training)
         affine = self._refine(images, self.affine_head, "affine", self.iterations - 1, training)

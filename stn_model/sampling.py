@@ -13,6 +13,14 @@ tap) and four fixed offsets address them, with no per-tap masks. The taps are ke
 hand-written backward pass, which takes the grid gradient from them and scatters the upstream
 gradient into the padded image with segment sums. In both paths the bilinear weights come from
 the unclipped coordinates, and half-precision inputs are computed in float32 and cast back.
+
+Non-finite grid coordinates, in both paths: +-inf lies outside the image (0 under "zeros", the
+edge pixel under "border", zero grid gradient), while NaN samples NaN in every channel and has a
+NaN grid gradient (and adds nothing to the image gradient), so a localization net that diverged
+shows up as a NaN loss instead of a blank image. (PyTorch's CPU kernel gives NaN too; its CUDA
+and MPS kernels do not agree.) What the static shapes leave open (the rank, the last grid
+dimension, the batch size) is checked when the function runs; XLA (jit_compile) ignores the
+batch size check, an assertion.
 """
 
 import contextlib
@@ -29,16 +37,18 @@ PADDING_MODES = ("zeros", "border")
 _PORTABLE = contextvars.ContextVar("stn_portable_ops", default=False)
 
 
-def _check_arguments(images, grid, padding_mode):
+def _checked(images, grid, padding_mode):
+    """(images, grid), after raising ValueError for what the static shapes show wrong and adding
+    run-time checks of what they leave open: the rank, the last grid dimension, the batch size."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     if not images.dtype.is_floating:
         raise ValueError(f"images must have a floating dtype, got {images.dtype.name}")
     if not grid.dtype.is_floating:
         raise ValueError(f"grid must have a floating dtype, got {grid.dtype.name}")
-    if images.shape.rank != 4:
+    if images.shape.rank not in (None, 4):
         raise ValueError(f"images must have shape [B, H, W, C], got {images.shape}")
-    if grid.shape.rank != 4 or grid.shape[-1] != 2:
+    if grid.shape.rank not in (None, 4) or grid.shape[-1] not in (None, 2):
         raise ValueError(f"grid must have shape [B, H', W', 2], got {grid.shape}")
     if 0 in images.shape[1:3]:
         raise ValueError(f"images must have a positive height and width, got {images.shape}")
@@ -47,6 +57,19 @@ def _check_arguments(images, grid, padding_mode):
         raise ValueError(
             f"images and grid must have the same batch size, got {images.shape} and {grid.shape}"
         )
+    if images.shape.rank is None:
+        images = tf.ensure_shape(images, [None] * 4, name="images")
+    if grid.shape[-1] is None:
+        grid = tf.ensure_shape(grid, [None, None, None, 2], name="grid")
+    if None in batches:
+        same_batch = tf.debugging.assert_equal(
+            tf.shape(images)[0],
+            tf.shape(grid)[0],
+            message="images and grid must have the same batch size",
+        )
+        with tf.control_dependencies([same_batch]):
+            grid = tf.identity(grid)
+    return images, grid
 
 
 def _compute_dtype(images, grid):
@@ -73,36 +96,39 @@ def _source_coordinate(coord, size, padding_mode, align_corners):
 
 
 def _floor_and_fraction(pixel, size):
-    """Integer floor (kept in [-2, size] so the cast is safe) and the unclipped fraction."""
-    floor = tf.floor(tf.clip_by_value(pixel, -2.0, tf.cast(size, pixel.dtype)))
-    return tf.cast(floor, tf.int32), pixel - floor
+    """The integer floor, the unclipped fraction, and whether the floor lies in [-1, size - 1]
+    (false for NaN and +-inf); the floor of a point outside is -1, so the cast is safe."""
+    inside = (pixel >= -1.0) & (pixel < tf.cast(size, pixel.dtype))
+    floor = tf.floor(tf.where(inside, pixel, -tf.ones_like(pixel)))
+    return tf.cast(floor, tf.int32), pixel - floor, inside
 
 
-def _sample(images, x, y, scale_x, scale_y):
-    """Bilinear sample of images [B, H, W, C] at pixel coordinates x, y [B, H', W']."""
+def _sample(images, x, y, scale_x, scale_y, nan):
+    """Bilinear sample of images [B, H, W, C] at pixel coordinates x, y [B, H', W'] (NaN where
+    the bool `nan` [B, H', W'] is true)."""
     shape = tf.shape(images)
     batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
-    x0, fx = _floor_and_fraction(x, width)
-    y0, fy = _floor_and_fraction(y, height)
+    x0, fx, x_in = _floor_and_fraction(x, width)
+    y0, fy, y_in = _floor_and_fraction(y, height)
     # A point touches the image iff its top-left tap lies in [-1, size - 1] on both axes; then all
-    # four taps lie in the image padded by one pixel of zeros. Other points sample zero.
-    touches = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
-    touches = tf.cast(touches, x.dtype)
+    # four taps lie in the image padded by one pixel of zeros. Other points sample zero (their
+    # weights are zero), or NaN where a coordinate is NaN: `missed` is added to the output and
+    # the grid gradient, so NaN spreads to the loss but not into the image gradient.
+    touches = x_in & y_in & ~nan  # under XLA, border clipping turns NaN into 0
+    missed = tf.cast(tf.where(nan, float("nan"), 0.0), x.dtype)
     padded_width = width + 2
     padded_size = (height + 2) * padded_width
     top_left = (
-        tf.reshape(tf.range(batch) * padded_size, [-1, 1, 1])
-        + (tf.clip_by_value(y0, -1, height - 1) + 1) * padded_width
-        + tf.clip_by_value(x0, -1, width - 1)
-        + 1
+        tf.reshape(tf.range(batch) * padded_size, [-1, 1, 1]) + (y0 + 1) * padded_width + x0 + 1
     )
     offsets = [0, 1, padded_width, padded_width + 1]
     padded = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]]), [-1, channels])
     t00, t01, t10, t11 = (tf.gather(padded, top_left + offset) for offset in offsets)
-    gx, gy = (1.0 - fx) * touches, 1.0 - fy
-    fx = fx * touches
+    zero = tf.zeros_like(fx)
+    fx, fy = tf.where(touches, fx, zero), tf.where(touches, fy, zero)
+    gx, gy = tf.where(touches, 1.0 - fx, zero), 1.0 - fy
     w00, w01, w10, w11 = (w[..., None] for w in (gx * gy, fx * gy, gx * fy, fx * fy))
-    output = w00 * t00 + w01 * t01 + w10 * t10 + w11 * t11
+    output = w00 * t00 + w01 * t01 + w10 * t10 + w11 * t11 + missed[..., None]
 
     def backward(upstream):
         # Scalar segment sums into the padded image, one per tap: element (tap, channel).
@@ -121,8 +147,9 @@ def _sample(images, x, y, scale_x, scale_y):
         images_grad = padded_grad[:, 1:-1, 1:-1, :]
         d_dx = gy[..., None] * (t01 - t00) + fy[..., None] * (t11 - t10)
         d_dy = gx[..., None] * (t10 - t00) + fx[..., None] * (t11 - t01)
-        x_grad = tf.reduce_sum(upstream * d_dx, axis=-1) * touches * scale_x
-        y_grad = tf.reduce_sum(upstream * d_dy, axis=-1) * touches * scale_y
+        touching = tf.cast(touches, upstream.dtype)
+        x_grad = tf.reduce_sum(upstream * d_dx, axis=-1) * touching * scale_x + missed
+        y_grad = tf.reduce_sum(upstream * d_dy, axis=-1) * touching * scale_y + missed
         return images_grad, x_grad, y_grad
 
     return output, backward
@@ -161,11 +188,12 @@ def bilinear_sample(images, grid, padding_mode="zeros", align_corners=False):
     Same meaning as PyTorch's `F.grid_sample(mode="bilinear")`: taps outside the image read zero
     ("zeros"), or the coordinates are first clamped to the image ("border"). The bilinear weights
     come from the unclipped coordinates, so the gradients are exact at the borders too. The
-    result has the dtype of images; grid may have another floating dtype.
+    result has the dtype of images; grid may have another floating dtype. A NaN coordinate
+    samples NaN, +-inf lies outside the image (the module docstring).
     """
     images = tf.convert_to_tensor(images)
     grid = tf.convert_to_tensor(grid, dtype_hint=images.dtype)
-    _check_arguments(images, grid, padding_mode)
+    images, grid = _checked(images, grid, padding_mode)
     library = _native_library()
     if library is None:
         return _pure_sample(images, grid, padding_mode, align_corners)
@@ -196,7 +224,8 @@ def _pure_sample(images, grid, padding_mode, align_corners):
         coords = tf.cast(grid, compute_dtype)
         x, scale_x = _source_coordinate(coords[..., 0], shape[2], padding_mode, align_corners)
         y, scale_y = _source_coordinate(coords[..., 1], shape[1], padding_mode, align_corners)
-        output, backward = _sample(values, x, y, scale_x, scale_y)
+        nan = tf.reduce_any(tf.math.is_nan(coords), axis=-1)
+        output, backward = _sample(values, x, y, scale_x, scale_y, nan)
 
         def grad(upstream):
             images_grad, x_grad, y_grad = backward(tf.cast(upstream, compute_dtype))

@@ -26,12 +26,40 @@ import tf_keras as keras
 
 from components.input_shards import list_files, worker_records
 from stn_model import serving
-from stn_model.checks import check_int
 from stn_model.keras_setup import skip_autograph_of_tf_keras
 
 logger = logging.getLogger(__name__)
 
 LABEL_FEATURE = "label"
+
+
+def _is_int(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_POSITIVE_INT = (lambda v: _is_int(v, 1), "an integer >= 1")
+# Every TrainingOptions field: (whether a value is accepted, what the error says it must be).
+# The equivariance angle has the range `equivariance.RotationEquivariance` accepts.
+_OPTION_CHECKS = {
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "epochs": _POSITIVE_INT,
+    "batch_size": _POSITIVE_INT,
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "image_size": _POSITIVE_INT,
+    "num_classes": _POSITIVE_INT,
+    "seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "st_iterations": _POSITIVE_INT,
+    "full_resolution_localization": (lambda v: isinstance(v, bool), "true or false"),
+    "localization_hidden_units": (lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null"),
+    "equivariance_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "equivariance_angle": (lambda v: _is_number(v) and 0 < v <= 180, "a number in (0, 180]"),
+    "warm_start_model": (lambda v: v is None or isinstance(v, str), "a SavedModel path or null"),
+    "shuffle_buffer": _POSITIVE_INT,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +84,13 @@ class TrainingOptions:
     shuffle_buffer: int = 200_000
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"custom_config['model'] must be a model name, got {self.model!r}")
-        names = ("epochs", "batch_size", "image_size", "num_classes", "shuffle_buffer")
-        for name in (*names, "st_iterations"):
-            check_int(getattr(self, name), f"custom_config[{name!r}]")
-        if not isinstance(self.learning_rate, int | float) or not self.learning_rate > 0:
-            raise ValueError(
-                f"custom_config['learning_rate'] must be a positive number, "
-                f"got {self.learning_rate!r}"
-            )
+        for field in dataclasses.fields(self):
+            accepts, requirement = _OPTION_CHECKS[field.name]
+            value = getattr(self, field.name)
+            if not accepts(value):
+                raise ValueError(
+                    f"custom_config[{field.name!r}] must be {requirement}, got {value!r}"
+                )
 
     @classmethod
     def from_custom_config(cls, custom_config):
@@ -87,12 +112,17 @@ def run_fn(fn_args, strategy=None):
     keras.utils.set_random_seed(options.seed)
 
     num_train = count_records(fn_args.train_files)
-    steps_per_epoch = max(1, math.ceil(num_train / global_batch))
     if fn_args.train_steps:
-        epochs = math.ceil(fn_args.train_steps / steps_per_epoch)
-        steps_per_epoch = math.ceil(fn_args.train_steps / epochs)
+        epochs, steps_per_epoch = split_steps(fn_args.train_steps, num_train, global_batch)
+        if epochs * steps_per_epoch != fn_args.train_steps:
+            logger.info(
+                "train_steps %d rounded up to %d epochs x %d steps",
+                fn_args.train_steps,
+                epochs,
+                steps_per_epoch,
+            )
     else:
-        epochs = options.epochs
+        epochs, steps_per_epoch = options.epochs, max(1, math.ceil(num_train / global_batch))
     shuffle_buffer = min(num_train, options.shuffle_buffer)
     train_data = strategy.distribute_datasets_from_function(
         lambda context: read_examples(
@@ -155,6 +185,14 @@ def run_fn(fn_args, strategy=None):
     serving.export_saved_model(model, export_dir, transformer=_transformer(model, options))
     if not chief:
         shutil.rmtree(export_dir, ignore_errors=True)
+
+
+def split_steps(train_steps, num_train, global_batch):
+    """(epochs, steps per epoch) for `train_steps` steps in whole epochs of about one pass over
+    `num_train` examples each: the total rounds up to a multiple of the epochs, by fewer steps
+    than there are epochs (checkpoints, validation and the log come once an epoch)."""
+    epochs = math.ceil(train_steps / max(1, math.ceil(num_train / global_batch)))
+    return epochs, math.ceil(train_steps / epochs)
 
 
 def warm_start(model, saved_model_dir):

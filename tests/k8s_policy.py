@@ -3,7 +3,7 @@
 Each check takes objects as plain dicts (parsed YAML or `ApiClient().sanitize_for_serialization`
 output) and returns a list of violation messages, empty when everything complies, so a test can
 assert `== []` and see every problem at once. Usable for any pod-bearing object, including the
-training workers the trainer builds (Job, TFJob). The container rules include what the
+training workers' Job the trainer builds. The container rules include what the
 namespace's Pod Security "restricted" profile would otherwise reject only at admission time.
 """
 
@@ -51,12 +51,8 @@ def object_name(doc):
 
 
 def pod_specs(doc):
-    """The pod specs an object runs: none for non-workloads, one per replica type for a TFJob."""
-    kind = doc.get("kind")
-    if kind == "TFJob":
-        replica_specs = doc.get("spec", {}).get("tfReplicaSpecs", {})
-        return [spec["template"]["spec"] for spec in replica_specs.values()]
-    path = POD_SPEC_PATHS.get(kind)
+    """The pod specs an object runs: none for non-workloads."""
+    path = POD_SPEC_PATHS.get(doc.get("kind"))
     if path is None:
         return []
     spec = doc

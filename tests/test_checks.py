@@ -1,5 +1,6 @@
 """The package's argument checks: what they accept, and errors that name the argument."""
 
+import numpy as np
 import pytest
 
 from stn_model.checks import check_int, check_positive_ints, check_size
@@ -34,3 +35,17 @@ def test_check_positive_ints_checks_length_and_sign():
     for bad in ([60, 60], [60, 0, 1], "abc"):
         with pytest.raises(ValueError, match=r"^input_shape must be 3 positive integers"):
             check_positive_ints(bad, "input_shape", 3)
+
+
+def test_integral_floats_and_numpy_integers_are_accepted():
+    assert check_size((np.int64(28), 14.0)) == (28, 14)
+    assert check_positive_ints((np.float32(42.0), np.int32(42), 1), "input_shape", 3) == (42, 42, 1)
+    assert all(type(v) is int for v in check_positive_ints((42.0, np.int64(4), 1), "shape", 3))
+
+
+@pytest.mark.parametrize("bad", [28.7, 28.5, float("nan"), float("inf"), True, "28", None])
+def test_non_integral_sizes_are_rejected_not_truncated(bad):
+    with pytest.raises(ValueError, match=r"^output_size must be \(height, width\) integers, got"):
+        check_size((bad, 14))
+    with pytest.raises(ValueError, match=r"^input_shape must be 3 positive integers, got"):
+        check_positive_ints([42, bad, 1], "input_shape", 3)

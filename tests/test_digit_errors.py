@@ -1,5 +1,6 @@
 """benchmarks/digit_errors.py: errors over source digits and paired comparisons, by hand."""
 
+import glob
 import os
 import re
 import subprocess
@@ -94,13 +95,24 @@ def test_load_predictions_names_the_file_and_what_is_wrong(tmp_path):
         digit_errors.load_predictions(str(text))
 
 
-def test_pooled_runs_keep_each_runs_digits_apart():
+def test_pooled_runs_share_source_digits():
     one = {"predicted": np.array([1, 2]), "source_index": np.array([5, 6]), "angle_deg": [0, 1]}
     two = {"predicted": np.array([3, 4]), "source_index": np.array([5, 6])}
     merged = digit_errors.pooled([one, two])
-    assert sorted(merged) == ["predicted", "source_index"]  # only what both runs have
+    assert sorted(merged) == ["predicted", "run", "source_index"]  # what both runs have, + run
     assert list(merged["predicted"]) == [1, 2, 3, 4]
-    assert list(merged["source_index"]) == [5, 6, 1_000_005, 1_000_006]
+    assert list(merged["source_index"]) == [5, 6, 5, 6]  # digit 5 of run 2 is digit 5 of run 1
+    assert list(merged["run"]) == [0, 0, 1, 1]
+    assert len(set(digit_errors.digit_draws(merged))) == 4
+
+
+def test_files_whose_digits_disagree_on_labels_are_refused():
+    same = {"source_index": np.array([5, 6, 5]), "label": np.array([1, 2, 1])}
+    other = {"source_index": np.array([6, 7]), "label": np.array([2, 9])}
+    digit_errors.check_shared_digits([same, other], ["a.npz", "b.npz"])  # digit 6: 2 in both
+    relabelled = {"source_index": np.array([5, 7]), "label": np.array([4, 9])}
+    with pytest.raises(ValueError, match=r"source digit 5 has different labels in a\.npz, c\.npz"):
+        digit_errors.check_shared_digits([same, other, relabelled], ["a.npz", "b.npz", "c.npz"])
 
 
 def write(path, predicted, labels, sources, **extra):
@@ -129,14 +141,17 @@ def test_command_line_pairs_two_seeds(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    # A: 4 errors of 8, B: 1 of 8 (per digit of each seed: A 0.5, 0.5, 1, 0 and B 0, 0.5, 0, 0)
-    for name, rates, errors in (("cnn", [0.5, 0.5, 1, 0], 4), ("st", [0, 0.5, 0, 0], 1)):
-        se = 100 * np.std(rates, ddof=1) / 2
-        assert re.search(rf"\n\s*{name}\s+{100 * errors / 8:.2f} ± {se:.2f}\s+{errors}\s+8\n", out)
-    diff = np.array([0, 0.5, 0, 0]) - [0.5, 0.5, 1, 0]
-    se = 100 * diff.std(ddof=1) / 2
-    assert f"st - cnn: -37.50 ± {se:.2f} % points, paired over 4 source digits" in out
-    assert "st makes 75.0% fewer errors" in out
+    # Both seeds read digits 10 and 20, so the unit is the source digit, over both seeds' copies:
+    # cnn misses 3 of digit 10's 4 copies and 1 of digit 20's: rates 0.75, 0.25, so 4 of 8
+    # images, 50%, ± std(0.75, 0.25) / sqrt(2) = 0.3536 / 1.4142 = 25%. st: rates 0, 0.25 ->
+    # 12.5% ± 0.1768 / 1.4142 = 12.5%. st - cnn per digit: -0.75, 0 -> -37.5 ± 37.5 % points.
+    # (Taking each seed's digit as its own unit, 4 units, gives ± 20.41, 12.50 and 23.94.)
+    assert re.search(r"\n\s*cnn\s+50\.00 ± 25\.00\s+4\s+8\n", out)
+    assert re.search(r"\n\s*st\s+12\.50 ± 12\.50\s+1\s+8\n", out)
+    assert (
+        "st - cnn: -37.50 ± 37.50 % points, paired over 2 source digits (4 digit draws in 2 "
+        "runs; st makes 75.0% fewer errors)"
+    ) in out
     swapped = subprocess.run(
         [
             sys.executable,
@@ -152,7 +167,8 @@ def test_command_line_pairs_two_seeds(tmp_path):
         timeout=60,
     )
     assert "cnn makes 300.0% more errors" in swapped.stdout  # 4 errors where st makes 1
-    assert "both 1, cnn only 2, st only 0" in out
+    # digit draws misread: cnn (seed 1, 10), (1, 20), (2, 10); st (1, 20)
+    assert "digit draws misread in at least one copy: both 1, cnn only 2, st only 0" in out
     # by true angle (A's files have it): 0-15: image 0 twice, A wrong once
     assert "errors by how far the digit was turned" in out and "1 of 2 (50.0%)" in out
     # by residual (B's files have it): 45-90: one image, wrong
@@ -164,13 +180,17 @@ def test_command_line_pairs_two_seeds(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "sources_b, message",
-    [(None, "give pairs of predictions files"), ([2], "read different source digits")],
+    "b, message",
+    [
+        (None, "give pairs of predictions files"),
+        ({"labels": [1], "sources": [2]}, "read different source digits"),
+        ({"labels": [4], "sources": [1]}, "source digit 1 has different labels in"),
+    ],
 )
-def test_command_line_usage_errors(tmp_path, sources_b, message):
+def test_command_line_usage_errors(tmp_path, b, message):
     files = [write(tmp_path / "a.npz", [1], [1], [1])]
-    if sources_b:
-        files.append(write(tmp_path / "b.npz", [1], [1], sources_b))
+    if b:
+        files.append(write(tmp_path / "b.npz", [1], b["labels"], b["sources"]))
     done = subprocess.run(
         [sys.executable, "benchmarks/digit_errors.py", *files],
         cwd=REPO_ROOT,
@@ -179,3 +199,31 @@ def test_command_line_usage_errors(tmp_path, sources_b, message):
         timeout=60,
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+STORED = sorted(glob.glob(f"{REPO_ROOT}/benchmarks/results/**/digit_errors.txt", recursive=True))
+
+
+def stored_sections(path):
+    """[(names, files, the tool's output)] of a stored digit_errors.txt: a section starts at its
+    two "model: files" lines, ends before the next "###" title, and leaves out the "written:
+    PNG" lines of --plots."""
+    with open(path) as f:
+        chunks = re.split(r"^###.*$", f.read(), flags=re.M)
+    sections = []
+    for chunk in filter(str.strip, chunks):
+        lines = [line for line in chunk.strip().split("\n") if not line.startswith("written: ")]
+        (a, files_a), (b, files_b) = (line.split(": ", 1) for line in lines[:2])
+        pairs = zip(files_a.split(", "), files_b.split(", "), strict=True)
+        sections.append(((a, b), [f for pair in pairs for f in pair], "\n".join(lines)))
+    return sections
+
+
+@pytest.mark.parametrize("path", STORED, ids=lambda path: os.path.relpath(path, REPO_ROOT))
+def test_stored_outputs_are_what_the_tool_prints(path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # the stored files name the predictions from the repo root
+    sections = stored_sections(path)
+    assert sections, f"{path}: no sections"
+    for names, files, stored in sections:
+        assert digit_errors.main([*files, "--names", *names]) == 0
+        assert capsys.readouterr().out.strip() == stored, f"{path}: {names} is stale"

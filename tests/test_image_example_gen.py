@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,8 +26,10 @@ from tfx.types import standard_artifacts
 from tfx.utils import proto_utils
 
 from components import image_example_gen, image_listing
+from components.gate import DataValidationError
 from components.image_decoding import image_problem
 from components.image_example_gen import ImageExampleGen
+from pipeline.validation import build_validation
 
 SHAPE = (42, 42, 1)
 COMPLETE = metadata_store_pb2.Execution.COMPLETE
@@ -257,8 +260,110 @@ def test_ingest_config_reaches_the_executor_through_exec_properties():
     config = image_example_gen.ingest_config((28, 30, 3), max_bad_files=5, labels_file="l.csv")
     # The component stores custom_config as JSON; the executor reads it back.
     exec_properties = {"custom_config": proto_utils.proto_to_json(config)}
-    assert image_example_gen.ingest_settings(exec_properties) == ((28, 30, 3), 5, "l.csv")
-    assert image_example_gen.ingest_settings({}) == (SHAPE, 0, None)
+    assert image_example_gen.ingest_settings(exec_properties) == ((28, 30, 3), 5, "l.csv", 1, None)
+    assert image_example_gen.ingest_settings({}) == (SHAPE, 0, None, 1, None)
+    window = image_example_gen.ingest_config(
+        span_window=3, input_config=image_example_gen.span_input_config()
+    )
+    settings = image_example_gen.ingest_settings(
+        {"custom_config": proto_utils.proto_to_json(window)}
+    )
+    assert settings.span_window == 3
+    assert settings.span_patterns == {
+        "train": "span-{SPAN}/train/*/*",
+        "eval": "span-{SPAN}/eval/*/*",
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"span_window": 0}, "span_window must be an int >= 1, got 0"),
+        ({"span_window": True}, "span_window must be an int >= 1, got True"),
+        (
+            {"span_window": 2, "input_config": image_example_gen.span_input_config("all/*")},
+            "span_window > 1 needs split patterns with {SPAN}.*split 'train' has 'all/\\*'",
+        ),
+        (
+            {
+                "span_window": 2,
+                "input_config": image_example_gen.span_input_config(
+                    "span-{SPAN}/v{VERSION}/*", "span-{SPAN}/v{VERSION}/*"
+                ),
+            },
+            "no {VERSION} or date spec",
+        ),
+    ],
+)
+def test_ingest_config_rejects_a_window_it_cannot_ingest(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        image_example_gen.ingest_config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("labels.csv", "file,label\na.png,4\nb.png\n", "line 3: no 'label' value"),
+        ("labels.csv", "file,label\na.png,4\nb.png,\n", "line 3: no 'label' value"),
+        ("labels.csv", "file,label\n,4\n", "line 2: no 'file' value"),
+        ("manifest.csv", "file,variant,params\na.png,rts\n", "line 2: no 'params' value"),
+        ("manifest.csv", 'file,variant,params\na.png,,"{}"\n', "line 2: no 'variant' value"),
+    ],
+)
+def test_a_csv_row_without_a_required_value_names_file_line_and_column(tmp_path, name, text, words):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(digit_array(4)))
+    (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=words) as raised:
+        image_listing.list_split(str(tmp_path), "*/*.png", labels_file="labels.csv")
+    assert str(raised.value).startswith(f"{folder / name}, line")
+
+
+# ---- TFRecord files (the executor's DoFn, no pipeline) ----
+
+
+def write_tfrecord(path, labels):
+    """A TFRecord of contract examples with `labels`; their (image, label) tuples."""
+    originals = []
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for index, label in enumerate(labels):
+            image = png_bytes(digit_array(1000 + index))
+            example = tf.train.Example()
+            example.features.feature["image"].bytes_list.value.append(image)
+            example.features.feature["label"].int64_list.value.append(label)
+            writer.write(example.SerializeToString())
+            originals.append((image, label))
+    return originals
+
+
+def read_tfrecord_file(path):
+    """What `_TFRecordToExamples` makes of `path`: ([(image, label)], [rejected lines])."""
+    examples, rejected = [], []
+    for output in image_example_gen._TFRecordToExamples(SHAPE).process(str(path)):
+        if isinstance(output, beam.pvalue.TaggedOutput):
+            rejected.append(output.value)
+        else:
+            examples.append(example_tuple(output)[:2])
+    return examples, rejected
+
+
+def test_a_readable_tfrecord_file_gives_all_its_examples(tmp_path):
+    path = tmp_path / "part-0.tfrecord"
+    originals = write_tfrecord(path, [3, 1, 4])
+    assert read_tfrecord_file(path) == (originals, [])
+
+
+def test_a_truncated_tfrecord_file_gives_no_example_and_one_clean_reason(tmp_path):
+    path = tmp_path / "part-0.tfrecord"
+    write_tfrecord(path, [3, 1, 4])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])  # the first two records are still whole
+    examples, [line] = read_tfrecord_file(path)
+    assert examples == []
+    assert line.startswith(f"{path} is not a readable TFRecord file (truncated record at ")
+    assert line.endswith("); none of its records are used")
+    assert "{{" not in line and "[Op:" not in line and "name:" not in line
 
 
 # ---- the component under LocalDagRunner ----
@@ -284,6 +389,13 @@ def test_ingests_the_latest_span_with_its_images_labels_and_manifest(clean_run):
     assert node_states(config)["Downstream"] == [COMPLETE]
 
 
+def test_the_one_span_artifact_lists_its_span(clean_run):
+    _, config = clean_run
+    artifact = examples_artifact(config)
+    assert artifact.get_json_value_custom_property(image_example_gen.SPANS_PROPERTY) == [2]
+    assert image_example_gen.ingested_spans(artifact) == (2,)
+
+
 @pytest.mark.slow
 def test_range_config_selects_an_older_span(tmp_path):
     data_root = tmp_path / "data"
@@ -303,7 +415,7 @@ def test_range_config_selects_an_older_span(tmp_path):
 def test_bad_files_fail_the_run_naming_each_file_and_problem(tmp_path):
     data_root = tmp_path / "data"
     expected = bad_files(write_test_span(data_root))
-    with pytest.raises(ValueError, match="3 bad input file") as raised:
+    with pytest.raises(ValueError, match="3 bad input") as raised:
         run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
     for path, words in expected.items():
         assert f"{path} {words}" in str(raised.value)
@@ -371,3 +483,97 @@ def test_tfrecords_are_ingested_and_split_by_hash_buckets(tmp_path):
     evaluation = [example_tuple(example) for example in read_examples(artifact.uri, "eval")]
     assert train and evaluation
     assert sorted(train + evaluation) == sorted(originals)
+
+
+# ---- span windows ----
+
+
+@pytest.fixture(scope="module")
+def window_run(tmp_path_factory):
+    """Spans 1, 2 and 3 of different sizes; a window of 2 spans ingested at the newest."""
+    tmp_path = tmp_path_factory.mktemp("window")
+    data_root = tmp_path / "data"
+    folders = {
+        span: write_test_span(data_root, span, {"train": [span, 0] * span, "eval": [span]})
+        for span in (1, 2, 3)
+    }
+    example_gen = ImageExampleGen(input_base=str(data_root), span_window=2)
+    return folders, run_pipeline(tmp_path, [example_gen])
+
+
+def test_a_window_ingests_each_of_its_spans_into_one_artifact(window_run):
+    folders, config = window_run
+    artifact = examples_artifact(config)
+    assert artifact.get_int_custom_property("span") == 3
+    assert image_example_gen.ingested_spans(artifact) == (2, 3)
+    for split in ("train", "eval"):
+        found = sorted(example_tuple(example) for example in read_examples(artifact.uri, split))
+        expected = files_as_tuples(folders[2], split) + files_as_tuples(folders[3], split)
+        assert found == sorted(expected)
+    assert len(read_examples(artifact.uri, "train")) == 2 * 2 + 2 * 3
+    assert node_states(config)["Downstream"] == [COMPLETE]
+
+
+@pytest.mark.parametrize(
+    "span_window, words",
+    [
+        (3, ["span_window=3 ending at span 1 would need spans -1..1, below span 0"]),
+        (2, ["span 0: no files match {root}/span-0/train/*/*", "{root}/span-0/eval/*/*"]),
+    ],
+)
+def test_a_window_below_the_first_span_fails_naming_it(tmp_path, span_window, words):
+    data_root = tmp_path / "data"
+    write_test_span(data_root, span=1)
+    example_gen = ImageExampleGen(input_base=str(data_root), span_window=span_window)
+    with pytest.raises(ValueError) as raised:
+        run_pipeline(tmp_path, [example_gen])
+    for word in words:
+        assert word.format(root=data_root) in str(raised.value)
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+def test_a_window_with_a_missing_split_of_an_older_span_fails_naming_it(tmp_path):
+    data_root = tmp_path / "data"
+    write_test_span(data_root, span=1)
+    write_test_span(data_root, span=2, labels={"train": [1, 2]})  # no eval split
+    write_test_span(data_root, span=3)
+    example_gen = ImageExampleGen(input_base=str(data_root), span_window=3)
+    with pytest.raises(ValueError, match=r"span window 1\.\.3 needs every split") as raised:
+        run_pipeline(tmp_path, [example_gen])
+    [missing] = str(raised.value).splitlines()[1:]
+    assert missing.strip() == f"span 2: no files match {data_root}/span-2/eval/*/*"
+
+
+def test_the_fingerprint_of_a_window_covers_its_spans_only(tmp_path):
+    data_root = tmp_path / "data"
+    for span in (1, 2, 3):
+        write_test_span(data_root, span=span)
+    example_gen = ImageExampleGen(input_base=str(data_root), span_window=2)
+
+    def fingerprint():
+        driver = image_example_gen._Driver(None)
+        resolved = driver.resolve_exec_properties(dict(example_gen.exec_properties), None, None)
+        return resolved["input_fingerprint"]
+
+    before = fingerprint()
+    assert [line.split(",")[:2] for line in before.splitlines()] == [
+        ["span:2", "split:train"],
+        ["span:3", "split:train"],
+        ["span:2", "split:eval"],
+        ["span:3", "split:eval"],
+    ]
+    (data_root / "span-1" / "eval" / "0" / "extra.png").write_bytes(png_bytes(digit_array(5)))
+    assert fingerprint() == before  # span 1 is outside the window
+    (data_root / "span-2" / "eval" / "0" / "extra.png").write_bytes(png_bytes(digit_array(5)))
+    assert fingerprint() != before
+
+
+def test_a_window_whose_older_span_breaks_the_schema_stops_at_the_gate(tmp_path):
+    data_root = tmp_path / "data"
+    write_test_span(data_root, span=1, labels={"train": [*range(10), 11], "eval": list(range(10))})
+    write_test_span(data_root, span=2)
+    example_gen = ImageExampleGen(input_base=str(data_root), span_window=2)
+    validation = build_validation(example_gen.outputs["examples"])
+    with pytest.raises(DataValidationError, match="feature 'label': Out-of-range values"):
+        run_pipeline(tmp_path, [example_gen, *validation.components()])
+    assert "Downstream" not in node_states(metadata_config(tmp_path))

@@ -103,6 +103,21 @@ def test_compiled_paths_are_the_cluster_home(package):
     assert destination == {"filesystem": {"base_directory": "/stn/home/serving/stn"}}
 
 
+def test_a_span_window_compiles_into_the_example_gen_without_a_resolver(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("span_window: 3\n")
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    tasks = json_format.MessageToDict(_parse_package(path).root)["dag"]["tasks"]
+    assert sorted(task for task in tasks if "resolver" in task) == [
+        "latest_blessed_model_resolver-model-blessing-resolver",
+        "latest_blessed_model_resolver-model-resolver",
+    ]
+    custom_config = tasks["ImageExampleGen"]["inputs"]["parameters"]["custom_config"]
+    settings = json.loads(custom_config["runtimeValue"]["constantValue"]["stringValue"])
+    assert settings["custom_config"]["value"]["span_window"] == 3
+
+
 def test_compile_refuses_a_package_name_kfp_cannot_upload(tmp_path, capsys):
     target = tmp_path / "stn.json"
     assert cli.main(["compile", "--kubeflow", str(target)]) == 2

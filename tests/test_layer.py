@@ -271,6 +271,27 @@ def test_one_pass_tps_has_no_affine_head():
     assert [w.shape for w in layer.head.weights] == [(4, 32), (32,)]
 
 
+@pytest.mark.parametrize("transform", ["affine", "tps"])
+def test_an_unbuilt_layer_with_iterations_rectifies_and_builds_itself(transform):
+    x = images()
+    layer = SpatialTransformer(small_localization(), (12, 10), transform=transform, iterations=3)
+    rectified, parameters, _ = layer.rectify(x)
+    assert layer.built and layer.input_size == (12, 10)
+    np.testing.assert_allclose(rectified.numpy(), x, atol=1e-5)  # the identity at initialisation
+    np.testing.assert_allclose(parameters.numpy(), layer.find_transform(x).numpy())
+    fresh = SpatialTransformer(small_localization(), (12, 10), transform=transform, iterations=3)
+    assert fresh.find_transform(x).shape == parameters.shape
+
+
+def test_tps_grid_size_is_ignored_by_other_transforms():
+    layer = SpatialTransformer(small_localization(), (6, 5), transform="affine", tps_grid_size=1)
+    x = images()
+    np.testing.assert_allclose(layer(x).numpy(), bilinear_sample(x, layer.rectify(x)[2]).numpy())
+    clone = SpatialTransformer.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.tps_grid_size == 1 and clone.head.units == 6
+
+
 def test_iterations_need_a_fixed_input_size():
     layer = SpatialTransformer(small_localization(), (4, 4), iterations=2)
     with pytest.raises(ValueError, match="fixed height and width"):

@@ -6,6 +6,7 @@ place) and, in one test, as TFX's Pusher does (saved_model.pb copied last).
 """
 
 import base64
+import http.client
 import io
 import json
 import logging
@@ -318,6 +319,92 @@ def test_keep_alive_connection_survives_a_bad_request(served_first, pngs):
     answer = raw_exchange(served_first, post(bad) + post(good) + b"GET /nothing HTTP/1.0\r\n\r\n")
     statuses = re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
     assert statuses == [b"400", b"200", b"404"]
+
+
+def test_a_body_on_any_method_is_read_so_the_next_request_is_parsed(served_first):
+    # Two pipelined requests on one connection: a GET with a body, then a plain GET.
+    answer = raw_exchange(
+        served_first,
+        b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /v1/models/stn/versions/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200", b"200"]
+    assert answer.count(b'"state": "AVAILABLE"') == 2
+
+
+def test_a_chunked_body_without_length_is_refused_and_the_connection_closed(served_first):
+    answer = raw_exchange(
+        served_first,
+        b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+    )
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"411"]
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "allowed"),
+    [
+        ("PUT", ":predict", "POST"),
+        ("DELETE", "", "GET"),
+        ("GET", ":predict", "POST"),
+        ("POST", "/versions/1", "GET"),
+    ],
+)
+def test_other_methods_get_405_with_allow_in_json(served_first, method, suffix, allowed):
+    host, port = served_first.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        connection.request(method, f"/v1/models/stn{suffix}", body=b"{}")
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    finally:
+        connection.close()
+    assert response.status == 405 and response.getheader("Allow") == allowed
+    assert body == {"error": f"{method} /v1/models/stn{suffix} is not supported (only {allowed})"}
+
+
+def test_head_gets_405_headers_without_a_body(served_first):
+    answer = raw_exchange(
+        served_first,
+        b"HEAD /v1/models/stn HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 405 ")
+    assert {b"Allow: GET", b"Content-Type: application/json"} <= set(lines)
+    assert rest.startswith(b"HTTP/1.1 200 ")  # the GET's answer follows the HEAD's headers
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "error"),
+    [
+        (b"FETCH /v1/models/stn HTTP/1.1\r\nHost: x", b"501", "Unsupported method ('FETCH')"),
+        (b"GET /v1/models/stn HTTP/1.1\r\nX: " + b"a" * 70000, b"431", "Line too long"),
+    ],
+    ids=["unknown method", "header too long"],
+)
+def test_requests_python_refuses_are_answered_in_json_too(
+    served_first, request_head, status, error
+):
+    answer = raw_exchange(served_first, request_head + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 " + status)
+    assert {b"Content-Type: application/json", b"Connection: close"} <= set(lines)
+    assert json.loads(body) == {"error": error}
+
+
+def test_the_query_string_is_no_part_of_the_path(served_first, pngs):
+    status, body = call(f"{served_first.url}/v1/models/stn?x=1")
+    assert status == 200 and body["model_version_status"][0]["version"] == "1"
+    status, body = call(
+        f"{served_first.url}/v1/models/stn/versions/1:predict?debug=true",
+        {"instances": [b64(pngs[0])]},
+    )
+    assert status == 200 and len(body["predictions"]) == 1
+    status, body = call(f"{served_first.url}/healthz?v1/models/stn")
+    assert status == 404 and body["error"] == "no such endpoint: /healthz"
 
 
 # --- versions -------------------------------------------------------------------------------

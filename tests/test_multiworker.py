@@ -1,14 +1,19 @@
 """The multi-worker trainer: local worker groups, sharding, fault tolerance, Kubernetes objects."""
 
+import collections
 import dataclasses
 import http.server
 import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import types
 import urllib.parse
+from pathlib import Path
 
 import kubernetes
 import kubernetes_validate
@@ -16,16 +21,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+import yaml
 from tfx.proto import trainer_pb2
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import json_utils, proto_utils
 
+from components import k8s_backend
 from components.input_shards import worker_records
 from components.k8s_backend import build_job, build_service, run_on_kubernetes
 from components.multiworker_config import CONFIG_KEY, KubernetesConfig, MultiWorkerConfig
 from components.multiworker_trainer import MultiWorkerExecutor, MultiWorkerTrainer, split_config
-from components.multiworker_worker import task_of, tf_config_for
+from components.multiworker_worker import task_of, tf_config_for, worker_index
 from components.worker_launcher import WorkerGroupError, run_local
+from pipeline import cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODULE_FILE = os.path.join(os.path.dirname(__file__), "multiworker_module.py")
 IMAGE_SIZE = 12
@@ -213,6 +223,111 @@ def test_failed_workers_are_reported_with_their_stderr_and_restarted(tmp_path, l
     )
 
 
+STAND_IN_WORKER = """
+import time
+print("ready", flush=True)
+time.sleep(600)
+"""
+# A trainer process: the launcher with two stand-in workers, under the CLI's SIGTERM handling.
+LAUNCHER = """
+import logging, sys
+from components.worker_launcher import run_group
+from pipeline.cli import sigterm_exits
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+with sigterm_exits():
+    run_group("spec.json", 2, worker_module="stand_in_worker")
+"""
+
+
+def _running(pid):
+    """Whether a process exists and is not a zombie (/proc/PID/stat's state field)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.fixture
+def launcher_with_two_workers(tmp_path):
+    """A launcher process whose two workers have started; yields (launcher, worker pids)."""
+    (tmp_path / "stand_in_worker.py").write_text(STAND_IN_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pids, ready = [], 0
+    for line in launcher.stdout:
+        if "started worker-" in line:
+            pids.append(int(line.rsplit("pid ", 1)[1]))
+        ready += line.startswith("[worker-") and line.rstrip().endswith("ready")
+        if ready == 2:
+            break
+    try:
+        assert len(pids) == 2 and all(_running(pid) for pid in pids)
+        yield launcher, pids
+    finally:
+        for pid in [launcher.pid, *pids]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_trainer_stops_its_local_workers(launcher_with_two_workers):
+    launcher, pids = launcher_with_two_workers
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM  # SystemExit, after the cleanup
+    assert [pid for pid in pids if _running(pid)] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.timeout(120)
+def test_local_workers_die_with_a_killed_trainer(launcher_with_two_workers):
+    launcher, pids = launcher_with_two_workers
+    launcher.kill()  # no cleanup runs: the kernel must stop the workers
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if _running(pid)] == []
+
+
+def test_the_cli_turns_sigterm_into_system_exit_while_a_command_runs(monkeypatch):
+    """`stn-pipeline` handles SIGTERM only while a command runs, and gives the handler back."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except SystemExit as stop:
+            seen["code"] = stop.code
+        return 0
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=command)
+    assert cli.main([]) == 0
+    assert seen == {"code": 128 + signal.SIGTERM}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_worker_without_an_index_says_where_it_comes_from():
+    assert worker_index(None, {"JOB_COMPLETION_INDEX": "3"}) == 3
+    assert worker_index(1, {"JOB_COMPLETION_INDEX": "3"}) == 1
+    for environ in ({}, {"JOB_COMPLETION_INDEX": "-1"}):
+        with pytest.raises(ValueError, match="pass --index or set JOB_COMPLETION_INDEX"):
+            worker_index(None, environ)
+
+
 @pytest.mark.slow
 def test_mixed_precision_worker_trains_with_float16_layers(tmp_path):
     examples = write_examples(tmp_path / "examples", count=32)
@@ -280,7 +395,16 @@ def test_config_is_validated_and_travels_in_custom_config():
         MultiWorkerConfig.from_dict({"workers": 2})
     with pytest.raises(ValueError, match=r"kubernetes\.pvc"):
         MultiWorkerConfig.from_dict(
-            {"backend": "kubernetes", "kubernetes": {"image": "i", "pvc": "", "mount_path": "/m"}}
+            {
+                "backend": "kubernetes",
+                "kubernetes": {
+                    "image": "i",
+                    "pvc": "",
+                    "mount_path": "/m",
+                    "cpu": "1",
+                    "memory": "1G",
+                },
+            }
         )
     assert MultiWorkerConfig.from_dict(K8S_CONFIG.to_dict()) == K8S_CONFIG
 
@@ -345,7 +469,15 @@ SPEC = "/stn_home/pipeline_root/Trainer/model_run/7/multiworker_spec.json"
         ("port", "2222", "kubernetes.port must be an integer in 1..65535, got '2222'"),
         ("port", 70000, "kubernetes.port must be an integer in 1..65535, got 70000"),
         ("poll_timeout_s", 0, "kubernetes.poll_timeout_s must be an integer >= 1, got 0"),
+        ("unschedulable_grace_s", 0, "kubernetes.unschedulable_grace_s must be an integer >= 1"),
         ("tolerations", {"key": "x"}, "kubernetes.tolerations must be a list"),
+        ("cpu", "two", "kubernetes.cpu must be a positive Kubernetes quantity"),
+        ("cpu", 2, "kubernetes.cpu must be a positive Kubernetes quantity"),
+        ("cpu", "0", "kubernetes.cpu must be a positive Kubernetes quantity"),
+        ("memory", "6 GB", "kubernetes.memory must be a positive Kubernetes quantity"),
+        ("memory", None, "kubernetes.memory must be a positive Kubernetes quantity"),
+        ("namespace", "", "kubernetes.namespace must be a non-empty string"),
+        ("node_selector", {"gpu": True}, "kubernetes.node_selector must map label names to"),
     ],
 )
 def test_kubernetes_settings_name_the_bad_field(field, value, message):
@@ -354,16 +486,34 @@ def test_kubernetes_settings_name_the_bad_field(field, value, message):
     assert str(error.value).startswith(message)
 
 
+def test_kubernetes_settings_need_cpu_and_memory():
+    settings = {"image": "i:1", "pvc": "p", "mount_path": "/m"}
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['cpu', 'memory'\]"):
+        MultiWorkerConfig.from_dict({"backend": "kubernetes", "kubernetes": settings})
+    config = MultiWorkerConfig.from_dict(
+        {"backend": "kubernetes", "kubernetes": {**settings, "cpu": "500m", "memory": "1.5Gi"}}
+    )
+    assert (config.kubernetes.cpu, config.kubernetes.memory) == ("500m", "1.5Gi")
+
+
+OWNER = {"apiVersion": "v1", "kind": "Pod", "name": "stn-retrain-1-x", "uid": "u-pod"}
+
+
 def test_kubernetes_objects_validate_against_the_kubernetes_1_30_schemas():
-    service = build_service("stn-trainer-1", K8S_CONFIG)
-    job = build_job("stn-trainer-1", SPEC, K8S_CONFIG)
+    service = build_service("stn-trainer-1", K8S_CONFIG, "stn")
+    job = build_job("stn-trainer-1", SPEC, K8S_CONFIG, "stn", OWNER)
     for doc in (service, job):
         kubernetes_validate.validate(doc, "1.30", strict=True)
+        assert doc["metadata"]["namespace"] == "stn"
+    assert job["metadata"]["ownerReferences"] == [OWNER]
+    assert "ownerReferences" not in service["metadata"]
     pod = job["spec"]["template"]["spec"]
     worker = pod["containers"][0]
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     assert job["spec"]["backoffLimit"] == 6 and pod["restartPolicy"] == "OnFailure"
+    assert job["spec"]["activeDeadlineSeconds"] == 5 * 3600  # poll_timeout_s
+    assert job["spec"]["ttlSecondsAfterFinished"] == 24 * 3600
     expected = {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     assert worker["resources"] == {"requests": expected, "limits": expected}
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -384,14 +534,48 @@ def test_kubernetes_objects_validate_against_the_kubernetes_1_30_schemas():
         kubernetes_validate.validate(job, "1.30", strict=True)
 
 
+def test_cpu_workers_get_guaranteed_resources():
+    config = dataclasses.replace(
+        K8S_CONFIG, kubernetes=dataclasses.replace(K8S, gpus_per_worker=0, cpu="500m")
+    )
+    [worker] = build_job("stn-trainer-1", SPEC, config, "stn")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    expected = {"cpu": "500m", "memory": "16Gi"}
+    assert worker["resources"] == {"requests": expected, "limits": expected}
+
+
+def test_the_workers_go_to_the_retraining_pods_namespace_and_belong_to_it():
+    downward = {
+        "STN_NAMESPACE": "stn",
+        "STN_POD_NAME": OWNER["name"],
+        "STN_POD_UID": OWNER["uid"],
+    }
+    unset = dataclasses.replace(K8S, namespace=None)
+    assert k8s_backend.worker_namespace(unset, downward) == "stn"
+    assert k8s_backend.worker_namespace(unset, {}) == "default"
+    assert k8s_backend.worker_namespace(dataclasses.replace(K8S, namespace="ml"), downward) == "ml"
+    assert k8s_backend.retraining_pod_owner("stn", downward) == OWNER
+    # an owner must live in the dependent's namespace; outside a pod there is none
+    assert k8s_backend.retraining_pod_owner("ml", downward) is None
+    assert k8s_backend.retraining_pod_owner("default", {}) is None
+
+
 class FakeApiServer(http.server.ThreadingHTTPServer):
     """A loopback stand-in for kube-apiserver: answers the calls the backend makes, as the
     real API does (JSON objects, watch events as JSON lines, plain-text logs), and records
-    every request. `job_result` is 'Complete' or 'Failed'."""
+    every request. `job_result` is 'Complete' or 'Failed', or None for a job that never ends.
+    Each pod listing answers the next pod list of `pod_script` (the last one repeats; default:
+    two pods that ended as the job did), and the job changes once per entry; the first log read
+    of a pod in `waiting_logs` answers 400, as for a container waiting to start."""
 
-    def __init__(self, job_result: str):
+    def __init__(self, job_result: str | None, pod_script=None, waiting_logs=()):
         super().__init__(("127.0.0.1", 0), _FakeApiHandler)
         self.job_result = job_result
+        self.pod_script = pod_script
+        self.waiting_logs = set(waiting_logs)
+        self.pod_listings = 0
+        self.log_reads = collections.Counter()
         self.requests = []
         self.created = {}
 
@@ -447,7 +631,11 @@ class _FakeApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            for status in ({}, {"active": 2}, _final_status(self.server.job_result)):
+            script = self.server.pod_script
+            statuses = [{"active": 2}] * len(script) if script else [{}, {"active": 2}]
+            if self.server.job_result:
+                statuses.append(_final_status(self.server.job_result))
+            for status in statuses:
                 event = {"type": "MODIFIED", "object": {**job, "status": status}}
                 self.wfile.write((json.dumps(event) + "\n").encode())
             return None
@@ -455,18 +643,27 @@ class _FakeApiHandler(http.server.BaseHTTPRequestHandler):
             name = job["metadata"]["name"]
             assert query["labelSelector"] == f"stn-pipeline/job={name}"
             return self._send(
-                200,
-                {
-                    "apiVersion": "v1",
-                    "kind": "PodList",
-                    "metadata": {},
-                    "items": [_pod(name, i, self.server.job_result) for i in range(2)],
-                },
+                200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": self._pods()}
             )
         if path.endswith("/log"):
             pod = path.split("/")[-2]
-            return self._send(200, f"{pod} starts\n{pod} trained\n", "text/plain")
+            self.server.log_reads[pod] += 1
+            reads = self.server.log_reads[pod]
+            if pod in self.server.waiting_logs and reads == 1:
+                return self._send(400, _status(400, "BadRequest"))
+            return self._send(
+                200, f"{pod} starts\n{pod} trained\n{pod} read {reads}\n", "text/plain"
+            )
         return self._send(404, _status(404, "NotFound"))
+
+    def _pods(self):
+        script = self.server.pod_script
+        if script is None:
+            name = self.server.created["Job"]["metadata"]["name"]
+            return [_pod(name, i, self.server.job_result) for i in range(2)]
+        listing = min(self.server.pod_listings, len(script) - 1)
+        self.server.pod_listings += 1
+        return script[listing]
 
 
 def _status(code, reason):
@@ -494,6 +691,7 @@ def _final_status(result):
 
 
 def _pod(job_name, index, result):
+    """Worker pod `index` of a job that ended with `result`; worker 1 failed in a failed job."""
     failed = result == "Failed" and index == 1
     terminated = {
         "exitCode": 1 if failed else 0,
@@ -502,6 +700,39 @@ def _pod(job_name, index, result):
         "startedAt": "2026-11-25T14:01:00Z",
         "finishedAt": "2026-11-25T14:04:00Z",
     }
+    return worker_pod(
+        index, "Failed" if failed else "Succeeded", {"terminated": terminated}, 6 if failed else 0
+    )
+
+
+RUNNING = {"running": {"startedAt": "2026-11-25T14:01:00Z"}}
+DONE = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2026-11-25T14:01:00Z"}}
+UNSCHEDULABLE = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+}
+
+
+def waiting(reason, message=None):
+    return {"waiting": {"reason": reason, "message": message}}
+
+
+def worker_pod(index, phase, state=None, restarts=0, conditions=(), job_name="stn-trainer-1"):
+    """A worker pod of the job as the API server returns it (the worker container in `state`)."""
+    status = {"phase": phase, "conditions": list(conditions)}
+    if state:
+        status["containerStatuses"] = [
+            {
+                "name": "worker",
+                "ready": "running" in state,
+                "restartCount": restarts,
+                "image": K8S.image,
+                "imageID": "",
+                "state": state,
+            }
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -510,25 +741,24 @@ def _pod(job_name, index, result):
             "namespace": "default",
             "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
         },
-        "status": {
-            "phase": "Failed" if failed else "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "worker",
-                    "ready": False,
-                    "restartCount": 6 if failed else 0,
-                    "image": K8S.image,
-                    "imageID": "sha256:abc",
-                    "state": {"terminated": terminated},
-                }
-            ],
-        },
+        "status": status,
     }
 
 
+def as_model(pod):
+    """The kubernetes client's V1Pod of a pod dict, deserialized as the client does."""
+    response = types.SimpleNamespace(data=json.dumps(pod))
+    return kubernetes.client.ApiClient().deserialize(response, "V1Pod")
+
+
 @pytest.fixture
-def fake_apiserver(request):
-    server = FakeApiServer(request.param)
+def fake_apiserver(request, monkeypatch):
+    """A FakeApiServer of `job_result` (or of keyword arguments), serving a trainer that does not
+    run in a pod (no downward API variables)."""
+    for variable in ("STN_NAMESPACE", "STN_POD_NAME", "STN_POD_UID"):
+        monkeypatch.delenv(variable, raising=False)
+    param = request.param
+    server = FakeApiServer(**(param if isinstance(param, dict) else {"job_result": param}))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -550,14 +780,18 @@ def test_kubernetes_backend_creates_watches_streams_and_deletes(fake_apiserver, 
     calls = [(method, path) for method, path, _, _ in fake_apiserver.requests]
     base = "/api/v1/namespaces/default"
     jobs = "/apis/batch/v1/namespaces/default/jobs"
-    assert calls[:3] == [("POST", f"{base}/services"), ("POST", jobs), ("GET", jobs)]
+    assert calls[:3] == [("POST", jobs), ("POST", f"{base}/services"), ("GET", jobs)]
     assert calls[-2:] == [
         ("DELETE", f"{jobs}/stn-trainer-1"),
         ("DELETE", f"{base}/services/stn-trainer-1"),
     ]
     posted = {path: body for method, path, _, body in fake_apiserver.requests if method == "POST"}
-    assert posted[jobs] == build_job("stn-trainer-1", SPEC, K8S_CONFIG)
-    assert posted[f"{base}/services"] == build_service("stn-trainer-1", K8S_CONFIG)
+    assert posted[jobs] == build_job("stn-trainer-1", SPEC, K8S_CONFIG, "default")
+    # the Service belongs to the Job the server created (its uid), so it goes with the Job
+    job_owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "stn-trainer-1", "uid": "u-1"}
+    assert posted[f"{base}/services"] == build_service(
+        "stn-trainer-1", K8S_CONFIG, "default", job_owner
+    )
     watch_query = fake_apiserver.requests[2][2]
     assert (
         watch_query["watch"].lower() == "true"
@@ -579,6 +813,144 @@ def test_kubernetes_backend_reports_why_the_job_failed_and_still_cleans_up(fake_
     assert "stn-trainer-1-1-x7k1: exit code 1 (Error): ValueError: no files match" in text
     deletes = [p for m, p, _, _ in fake_apiserver.requests if m == "DELETE"]
     assert len(deletes) == 2
+
+
+BAD_IMAGE = (
+    'couldn\'t parse image reference "registry.example/stn-pipeline:0.1 ": invalid reference format'
+)
+
+
+@pytest.mark.parametrize(
+    "fake_apiserver",
+    [
+        {
+            "job_result": None,
+            "pod_script": [
+                [
+                    worker_pod(0, "Pending", waiting("InvalidImageName", BAD_IMAGE)),
+                    worker_pod(1, "Running", RUNNING),
+                ]
+            ],
+        }
+    ],
+    indirect=True,
+)
+@pytest.mark.timeout(60)  # without the check, the trainer would wait for poll_timeout_s
+def test_a_worker_that_cannot_start_fails_the_group_at_once(fake_apiserver):
+    with pytest.raises(WorkerGroupError) as failure:
+        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
+    assert str(failure.value) == (
+        "worker pod default/stn-trainer-1-0-x7k0 cannot start: InvalidImageName: "
+        f"{BAD_IMAGE} (image {K8S.image})"
+    )
+    deletes = [p for m, p, _, _ in fake_apiserver.requests if m == "DELETE"]
+    assert len(deletes) == 2
+
+
+@pytest.mark.parametrize(
+    "fake_apiserver",
+    [
+        {
+            "job_result": "Complete",
+            "pod_script": [
+                [
+                    worker_pod(0, "Pending", waiting("ContainerCreating")),
+                    worker_pod(1, "Running", RUNNING),
+                ],
+                [worker_pod(0, "Running", RUNNING), worker_pod(1, "Running", RUNNING)],
+                [worker_pod(0, "Running", RUNNING), worker_pod(1, "Running", RUNNING, 1)],
+                [worker_pod(0, "Succeeded", DONE), worker_pod(1, "Succeeded", DONE, 1)],
+            ],
+            "waiting_logs": ["stn-trainer-1-0-x7k0"],
+        }
+    ],
+    indirect=True,
+)
+def test_logs_are_followed_again_after_a_restart_and_after_a_waiting_container(
+    fake_apiserver, caplog
+):
+    caplog.set_level(logging.INFO, logger="components.k8s_backend")
+    run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
+    messages = [r.getMessage() for r in caplog.records]
+    pending = f"worker pod stn-trainer-1-0-x7k0 is waiting: ContainerCreating: (image {K8S.image})"
+    assert pending in messages
+    # worker 1 ran twice: both runs were followed; worker 0's first read found it waiting
+    assert fake_apiserver.log_reads == {"stn-trainer-1-0-x7k0": 2, "stn-trainer-1-1-x7k1": 2}
+    for line in (
+        "[worker-1] stn-trainer-1-1-x7k1 read 1",
+        "[worker-1] stn-trainer-1-1-x7k1 read 2",
+        "[worker-0] stn-trainer-1-0-x7k0 read 2",
+    ):
+        assert line in messages
+
+
+def test_an_unschedulable_worker_fails_the_group_after_the_grace_period(caplog):
+    caplog.set_level(logging.INFO, logger="components.k8s_backend")
+    watch = k8s_backend._StartupWatch("stn", unschedulable_grace_s=600)
+    pending = as_model(worker_pod(1, "Pending", conditions=[UNSCHEDULABLE]))
+    running = as_model(worker_pod(0, "Running", RUNNING))
+    watch.check([running, pending], now=1000.0)
+    watch.check([running, pending], now=1599.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker pod stn-trainer-1-1-x7k1 is waiting: Unschedulable: 0/3 nodes are available: "
+        "3 Insufficient nvidia.com/gpu.; giving up after 600 s"
+    ]
+    with pytest.raises(WorkerGroupError) as failure:
+        watch.check([running, pending], now=1600.0)
+    assert str(failure.value) == (
+        "worker pod stn/stn-trainer-1-1-x7k1 cannot start: Unschedulable: "
+        "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    )
+
+
+def test_a_failing_image_pull_gets_a_grace_period_across_its_retries():
+    watch = k8s_backend._StartupWatch("stn", unschedulable_grace_s=600)
+    grace = k8s_backend.RETRY_GRACE_S
+
+    def pulling(reason):
+        return [as_model(worker_pod(0, "Pending", waiting(reason, "manifest unknown")))]
+
+    watch.check(pulling("ErrImagePull"), now=0.0)
+    watch.check(pulling("ImagePullBackOff"), now=grace - 1)  # the kubelet's retries alternate
+    watch.check([as_model(worker_pod(0, "Running", RUNNING))], now=grace)  # the pull worked
+    watch.check(pulling("ErrImagePull"), now=grace + 1)  # a new problem: a new grace period
+    with pytest.raises(WorkerGroupError, match="ImagePullBackOff: manifest unknown"):
+        watch.check(pulling("ImagePullBackOff"), now=2 * grace + 1)
+
+
+def _permission(method, path, query):
+    """The RBAC (API group, resource, verb) a request to the API server needs."""
+    parts = path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[parts.index("namespaces") + 2 :]
+    resource = "/".join(rest[::2])  # pods/NAME/log is the subresource pods/log
+    if method in ("POST", "DELETE"):
+        return group, resource, {"POST": "create", "DELETE": "delete"}[method]
+    if query.get("watch", "").lower() == "true":
+        return group, resource, "watch"
+    return group, resource, "get" if len(rest) > 1 else "list"
+
+
+def role_permissions():
+    """What the trainer's Role in k8s/base/rbac.yaml grants: (API group, resource, verb)."""
+    docs = yaml.safe_load_all((REPO / "k8s" / "base" / "rbac.yaml").read_text())
+    [role] = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "stn-trainer"]
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+@pytest.mark.parametrize("fake_apiserver", ["Failed"], indirect=True)
+def test_the_trainers_role_grants_exactly_the_calls_the_backend_makes(fake_apiserver):
+    with pytest.raises(WorkerGroupError):
+        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
+    used = {_permission(m, p, q) for m, p, q, _ in fake_apiserver.requests}
+    assert ("", "pods/log", "get") in used and ("batch", "jobs", "watch") in used
+    assert used == role_permissions()
 
 
 def test_kubernetes_backend_needs_the_spec_on_the_shared_volume():

@@ -183,18 +183,25 @@ def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
         config = load_config(home=str(tmp_path), **overrides)
         return {node.id: node for node in create_pipeline(config).components}
 
+    def ingest_settings(node):
+        return json.loads(node.exec_properties["custom_config"])["custom_config"]["value"]
+
     plain = nodes()
     assert type(plain["Trainer"]) is not MultiWorkerTrainer
-    assert "span_window_resolver" not in plain
     assert not plain["ImageExampleGen"].exec_properties["range_config"]
+    assert "span_window" not in ingest_settings(plain["ImageExampleGen"])
     two = nodes(multiworker={"num_workers": 2}, span=3, span_window=2)
     assert isinstance(two["Trainer"], MultiWorkerTrainer)
     custom_config = json.loads(two["Trainer"].exec_properties["custom_config"])
     assert custom_config["multiworker"]["num_workers"] == 2
     static = json.loads(two["ImageExampleGen"].exec_properties["range_config"])["static_range"]
     assert static == {"start_span_number": 3, "end_span_number": 3}
-    assert "span_window_resolver" in two
-    assert two["Trainer"].inputs["examples"] is two["span_window_resolver"].outputs["examples"]
+    # The window is ingested (and validated) by ImageExampleGen itself: no resolver.
+    assert ingest_settings(two["ImageExampleGen"])["span_window"] == 2
+    assert [node for node in two if "resolver" in node] == ["latest_blessed_model_resolver"]
+    examples = two["ImageExampleGen"].outputs["examples"]
+    assert two["Trainer"].inputs["examples"] is examples
+    assert two["StatisticsGen"].inputs["examples"] is examples
 
 
 def test_multiworker_settings_are_checked_when_the_config_loads(tmp_path):

@@ -64,7 +64,7 @@ def identity_grids(count, height, width):
 def hand_built_facts():
     rng = np.random.default_rng(0)
     results = summary.RunReport(
-        spans=[(3, {"train": 1200, "eval": 300})],
+        spans=[((2, 3), {"train": 1200, "eval": 300})],
         anomalies=["eval: feature 'label' has value 11 outside the domain <0..9>"],
         metrics={
             "Overall": {"candidate": 0.85, "baseline": 0.9, "examples": 300},
@@ -117,7 +117,7 @@ def test_page_from_hand_built_facts_is_self_contained(tmp_path):
 def test_page_states_the_facts(tmp_path):
     index = report.write_report(hand_built_facts(), str(tmp_path / "r"))
     page = Path(index).read_text(encoding="utf-8")
-    assert "span 3: train 1,200, eval 300 examples" in page
+    assert "spans 2, 3: train 1,200, eval 300 examples" in page
     assert "1 found" in page and "value 11 outside the domain &lt;0..9&gt;" in page
     assert "NOT BLESSED" in page
     # Candidate and baseline per slice, and the change: 0.85 - 0.90 and 0.80 - 0.75.
@@ -348,3 +348,8 @@ def test_unknown_run_is_a_clear_error(tiny_run):
     (run_id,) = report.run_ids(config)
     with pytest.raises(ValueError, match=f"--run 'nope': no such run; runs: {run_id}"):
         report.collect_facts(config, "nope")
+
+
+def test_span_labels_name_one_span_or_a_window():
+    assert summary.span_label((3,)) == "span 3"
+    assert summary.span_label((2, 3, 4)) == "spans 2, 3, 4"

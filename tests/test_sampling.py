@@ -231,6 +231,60 @@ def test_unknown_batch_size(jit_compile):
             np.testing.assert_allclose(graph_grad, eager_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(("images_batch", "grid_batch"), [(1, 3), (3, 1)])
+def test_batch_sizes_known_only_at_run_time_must_match(images_batch, grid_batch):
+    spec = [tf.TensorSpec([None, 4, 4, 1]), tf.TensorSpec([None, 3, 3, 2])]
+    sample = tf.function(bilinear_sample, input_signature=spec)
+    images, grid = tf.ones([images_batch, 4, 4, 1]), tf.zeros([grid_batch, 3, 3, 2])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="images and grid must have the same"):
+        sample(images, grid)
+
+
+def test_unknown_rank_and_last_dimension_are_checked_at_run_time():
+    spec = [tf.TensorSpec(None), tf.TensorSpec([None, None, None, None])]
+    sample = tf.function(bilinear_sample, input_signature=spec)
+    rng = np.random.default_rng(9)
+    images = tf.constant(rng.normal(size=(2, 5, 4, 3)), tf.float32)
+    grid = tf.constant(rng.uniform(-1.2, 1.2, (2, 3, 6, 2)), tf.float32)
+    expected = reference_sample(images, grid, "zeros", False)
+    np.testing.assert_allclose(sample(images, grid), expected, atol=1e-5)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"(grid must have shape|\[\?,\?,\?,2\])"
+    ):
+        sample(images, tf.zeros([2, 3, 6, 3]))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"(images must have shape|\[\?,\?,\?,\?\])"
+    ):
+        sample(tf.zeros([2, 5, 4]), grid)
+
+
+@pytest.mark.parametrize(("padding_mode", "align_corners"), MODES)
+def test_inf_coordinates_lie_outside_and_nan_coordinates_sample_nan(padding_mode, align_corners):
+    rng = np.random.default_rng(10)
+    images = tf.constant(rng.normal(size=(2, 5, 4, 3)), tf.float32)
+    weights = tf.constant(rng.normal(size=(2, 3, 4, 3)), tf.float32)
+    grid = rng.uniform(-1.2, 1.2, (2, 3, 4, 2))
+    grid[0, 0, :3] = [[np.inf, 0.3], [-0.2, -np.inf], [-np.inf, np.inf]]
+    grid[0, 1, 2], grid[1, 0, 0], grid[1, 2, 3] = [np.nan, 0.1], [0.5, np.nan], [np.nan, np.inf]
+    nan = np.isnan(grid).any(axis=-1)
+    # The oracle: +-inf as a point far outside (1e6), NaN points far outside with zero weight.
+    far = np.clip(np.nan_to_num(grid, nan=1e6), -1e6, 1e6)
+    expected = reference_sample(images, far, padding_mode, align_corners)
+    expected[nan] = np.nan
+    _, images_grad, grid_grad = sample_and_gradients(
+        images, tf.constant(far, tf.float32), weights * ~nan[..., None], padding_mode, align_corners
+    )
+    grid_grad = grid_grad.numpy()
+    grid_grad[nan] = np.nan
+    args = (images, tf.constant(grid, tf.float32), weights, padding_mode, align_corners)
+    for sample in (sample_and_gradients, tf.function(sample_and_gradients, jit_compile=True)):
+        out, images_grad_at_grid, grid_grad_at_grid = sample(*args)
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+        np.testing.assert_allclose(images_grad_at_grid, images_grad, atol=1e-5)
+        np.testing.assert_allclose(grid_grad_at_grid, grid_grad, atol=1e-5)
+        assert not np.any(grid_grad_at_grid.numpy()[np.isinf(grid) & ~nan[..., None]])
+
+
 @pytest.mark.parametrize(
     ("dtype", "tolerance"),
     [(tf.float16, 2e-2), (tf.bfloat16, 1e-1), (tf.float32, 1e-5), (tf.float64, 1e-12)],

@@ -270,6 +270,64 @@ def test_custom_config_errors_name_the_key():
         trainer.count_records(["/nonexistent/Split-train/*"])
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("full_resolution_localization", "false"),
+        ("full_resolution_localization", 1),
+        ("equivariance_weight", "0.5"),
+        ("equivariance_weight", -1.0),
+        ("equivariance_weight", float("nan")),
+        ("equivariance_angle", 400),
+        ("equivariance_angle", 0),
+        ("learning_rate", True),
+        ("learning_rate", float("inf")),
+        ("warm_start_model", 5),
+        ("localization_hidden_units", 0),
+        ("localization_hidden_units", 8.0),
+        ("seed", -1),
+        ("epochs", 2.0),
+        ("model", ""),
+    ],
+)
+def test_custom_config_values_of_the_wrong_type_or_range_are_rejected(key, value):
+    with pytest.raises(ValueError, match=rf"^custom_config\['{key}'\] must be .*, got "):
+        trainer.TrainingOptions.from_custom_config({key: value})
+
+
+def test_custom_config_accepts_every_valid_kind_of_value():
+    config = {
+        "full_resolution_localization": True,
+        "equivariance_weight": 1,
+        "equivariance_angle": 180,
+        "learning_rate": 0.5,
+        "warm_start_model": "/serving/stn/7",
+        "localization_hidden_units": 50,
+        "seed": 0,
+    }
+    options = trainer.TrainingOptions.from_custom_config(config)
+    assert {key: getattr(options, key) for key in config} == config
+
+
+@pytest.mark.parametrize(
+    ("train_steps", "num_train", "global_batch", "expected"),
+    [
+        (10, 300, 128, (4, 3)),  # 3 steps a pass: 4 epochs of 3 steps, 2 more than asked
+        (12, 300, 128, (4, 3)),
+        (100, 5000, 128, (3, 34)),  # 40 steps a pass: 3 epochs, 102 steps
+        (997, 20_000, 128, (7, 143)),  # a prime still trains in epochs of about a pass
+        (3, 10_000, 128, (1, 3)),  # less than a pass
+        (5, 0, 128, (5, 1)),
+    ],
+)
+def test_train_steps_are_split_into_whole_epochs_of_about_a_pass(
+    train_steps, num_train, global_batch, expected
+):
+    epochs, steps_per_epoch = trainer.split_steps(train_steps, num_train, global_batch)
+    assert (epochs, steps_per_epoch) == expected
+    assert train_steps <= epochs * steps_per_epoch < train_steps + epochs
+
+
 def test_only_the_chief_exports():
     spec = tf.train.ClusterSpec({"worker": ["a:1", "b:1"]})
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver

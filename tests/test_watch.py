@@ -73,6 +73,8 @@ def test_complete_spans_of_a_missing_root_is_a_clear_error(tmp_path):
         ([1, 2, 3], 1, 2, (2, 3)),
         ([1, 2, 3], 0, 5, (1, 2, 3)),
         ([1, 2], 3, 1, ()),  # a late older span does not retrain on older data
+        ([1, 3, 4], 0, 3, (3, 4)),  # a window is consecutive spans: it stops at a gap
+        ([2, 3, 5], 3, 2, (5,)),
     ],
 )
 def test_next_spans(available, last_trained, window, expected):
@@ -203,6 +205,49 @@ def test_watch_command_exits_with_a_message_while_another_watcher_runs(setup, ca
     assert not (home / watcher.STATE_FILE).exists()
 
 
+@pytest.mark.parametrize(
+    ("interval", "words"),
+    [
+        ("nan", "must be a finite number of seconds > 0, got 'nan'"),
+        ("inf", "must be a finite number of seconds > 0, got 'inf'"),
+        ("0", "must be a finite number of seconds > 0, got '0'"),
+        ("-5", "must be a finite number of seconds > 0, got '-5'"),
+        ("soon", "'soon' is not a number of seconds"),
+    ],
+)
+def test_watch_command_rejects_an_interval_that_is_not_a_positive_time(
+    tmp_path, capsys, interval, words
+):
+    argv = ["watch", "--once", "--home", str(tmp_path), "--data-root", str(tmp_path)]
+    with pytest.raises(SystemExit) as raised:
+        cli.main([*argv, f"--interval={interval}"])
+    assert raised.value.code == 2
+    assert f"argument --interval: {words}" in capsys.readouterr().err
+    assert not (tmp_path / watcher.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "flags", "window"),
+    [("", [], 1), ("span_window: 3\n", [], 3), ("span_window: 3\n", ["--window", "2"], 2)],
+)
+def test_the_watch_window_is_the_flag_else_the_config_files_span_window(
+    tmp_path, monkeypatch, yaml_text, flags, window
+):
+    made = []
+
+    class Recorder(Watcher):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(watcher, "Watcher", Recorder)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text or "{}\n")
+    argv = ["watch", "--once", "--home", str(tmp_path), "--data-root", str(tmp_path)]
+    assert cli.main([*argv, "--config", str(config), *flags]) == 0  # no span: no run
+    assert [made_watcher.window for made_watcher in made] == [window]
+
+
 def test_watch_command_rejects_bad_arguments(tmp_path, capsys):
     argv = ["watch", "--once", "--home", str(tmp_path), "--data-root", str(tmp_path / "missing")]
     assert cli.main(argv) == 2
@@ -269,3 +314,30 @@ def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path, caplog):
     assert runs[1]["blessed"] is True  # floor 0 and any regression allowed
     assert len(served_versions(serving)) == 2
     assert runs[1]["pushed_to"] == str(serving / served_versions(serving)[-1])
+
+
+@pytest.mark.slow
+def test_watch_with_a_window_trains_on_the_spans_it_ingested(tmp_path):
+    from pipeline import spans, summary
+    from pipeline.configs import load_config
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(
+        "train_steps: 2\nbatch_size: 16\naccuracy_floor: 0.0\nregression_tolerance: 1.0\n"
+        "span_window: 2\n"
+    )
+    for span in (1, 2, 3):
+        spans.write_span(data, span=span, per_class=3, copies=1)
+    argv = ["watch", "--once", "--home", str(home), "--data-root", str(data)]
+    assert cli.main([*argv, "--config", str(config_file)]) == 0
+    runs = json.loads((home / watcher.STATE_FILE).read_text())["runs"]
+    assert [run["spans"] for run in runs] == [[2, 3]]
+    # The statistics the gate checked count the examples of both spans' manifests.
+    manifests = [spans.read_manifest(data / f"span-{span}") for span in (2, 3)]
+    config = load_config(str(config_file), home=str(home), data_root=str(data))
+    [(ingested, counts)] = summary.run_report(config).spans
+    assert ingested == (2, 3)
+    assert "data: spans 2, 3 (" in summary.format_report(summary.run_report(config))
+    for split in ("train", "eval"):
+        assert counts[split] == sum(row["split"] == split for rows in manifests for row in rows)

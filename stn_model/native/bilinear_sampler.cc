@@ -7,7 +7,8 @@
 // Same meaning as the pure-TF path in stn_model/sampling.py: the bilinear weights come from the
 // unclipped pixel coordinates; taps outside the image read zero ("zeros"), or the coordinates
 // are first clamped to the image ("border"), where the coordinate derivative is zero on and
-// beyond the edges. Half types are computed in float.
+// beyond the edges. Half types are computed in float. A +-inf coordinate lies outside the
+// image; a NaN one samples NaN and has a NaN grid gradient (and adds nothing to images_grad).
 //
 // Layout: each image is copied (in the compute type) into a buffer with a ring of zeros and one
 // more zero row at the bottom. Every point that touches the image then has its four taps inside
@@ -17,7 +18,9 @@
 // layout, one image at a time, so it shards over the batch without atomics.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -56,6 +59,8 @@ struct Block {
 template <typename S, bool kBorder, int kChannels>
 class Sampler {
  public:
+  static constexpr S kNaN = std::numeric_limits<S>::quiet_NaN();
+
   Sampler(const Tensor& images, const Tensor& grid, bool align_corners)
       : height_(images.dim_size(1)),
         width_(images.dim_size(2)),
@@ -99,14 +104,18 @@ class Sampler {
     for (int64_t k = 0; k < count; ++k) {
       int32_t x0, y0;
       S fx, fy, dx, dy;
-      const bool x_in = x_.Locate(S(grid[2 * k]), &x0, &fx, &dx);
-      const bool y_in = y_.Locate(S(grid[2 * k + 1]), &y0, &fy, &dy);
+      const S x = S(grid[2 * k]), y = S(grid[2 * k + 1]);
+      const bool x_in = x_.Locate(x, &x0, &fx, &dx);
+      const bool y_in = y_.Locate(y, &y0, &fy, &dy);
       const bool touches = x_in & y_in;
+      // A point that misses reads the zero rows with weights 0, or NaN (NaN output and grid
+      // gradient) when a coordinate is NaN.
+      const S missed = std::isnan(x) | std::isnan(y) ? kNaN : S(0);
       block->index[k] = touches ? (y0 + 1) * padded_width + x0 + 1 : missing;
-      block->fx[k] = touches ? fx : S(0);
-      block->fy[k] = touches ? fy : S(0);
-      block->dx[k] = touches ? dx : S(0);
-      block->dy[k] = touches ? dy : S(0);
+      block->fx[k] = touches ? fx : missed;
+      block->fy[k] = touches ? fy : missed;
+      block->dx[k] = touches ? dx : missed;
+      block->dy[k] = touches ? dy : missed;
     }
   }
 

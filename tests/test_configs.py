@@ -1,0 +1,65 @@
+"""Configuration files (`pipeline.configs.load_config`): what a bad value is told apart by.
+
+The pipeline's other configuration tests sit with the end-to-end run, in test_pipeline_e2e.py.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from pipeline.configs import PipelineConfig, load_config
+from pipeline.model_repository import ModelRepository
+
+
+def load_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return load_config(str(path))
+
+
+@pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(PipelineConfig)])
+def test_a_wrong_type_names_the_file_and_the_field(tmp_path, name):
+    # A list of lists is of no field's type (strings, numbers, flags, mappings, string lists).
+    with pytest.raises(ValueError) as error:
+        load_yaml(tmp_path, f"{name}: [[1]]\n")
+    assert str(error.value).startswith(f"config file {tmp_path / 'config.yaml'}: ")
+    assert f"config field {name!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("name", ["learning_rate", "equivariance_weight"])
+def test_numbers_must_be_finite(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"'{name}' must be a finite number"):
+        load_yaml(tmp_path, f"{name}: {value}\n")
+
+
+def test_a_negative_seed_is_refused_before_the_trainer_would(tmp_path):
+    with pytest.raises(ValueError, match="config field 'seed' must be >= 0, got -1"):
+        load_yaml(tmp_path, "seed: -1\n")
+
+
+def test_a_key_that_is_no_string_is_an_unknown_field(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.yaml: unknown config field\(s\) \[1, 'x'\]"):
+        load_yaml(tmp_path, "1: 2\nx: 3\n")
+
+
+REFUSED_MODEL_NAMES = ["..", ".", ".hidden", "a/b", "a\\b", "stn:predict", "a b", "stn?x=1", "é"]
+
+
+@pytest.mark.parametrize("name", REFUSED_MODEL_NAMES)
+def test_run_and_serve_refuse_the_same_model_names(tmp_path, name):
+    with pytest.raises(ValueError) as error:
+        load_yaml(tmp_path, f"model_name: {json.dumps(name)}\n")  # JSON is YAML
+    assert "config.yaml: config field 'model_name' must be" in str(error.value)
+    assert str(error.value).endswith(f"got {name!r}")
+    with pytest.raises(ValueError, match=r"^model_name must be"):
+        ModelRepository(str(tmp_path / "serving"), name)
+
+
+@pytest.mark.parametrize("name", ["stn", "mnist-st_cnn.v2", "_7"])
+def test_run_and_serve_accept_the_same_model_names(tmp_path, name):
+    config = load_yaml(tmp_path, f"model_name: {name}\nhome: {tmp_path}\n")
+    repository = ModelRepository(os.path.join(config.home_dir, "serving"), name)
+    assert repository.model_dir == config.serving_dir == str(tmp_path / "serving" / name)
