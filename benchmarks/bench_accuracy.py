@@ -228,7 +228,8 @@ def parse_args(argv=None):
         default=1,
         help="distortions trained at once, each in its own process (CPU cores shared among them); "
         "above 1 it also gives TensorFlow cpu_count // jobs threads per process, even when "
-        "one process runs (--jobs 2 --variants r: one process, one thread on 2 cores)",
+        "one process runs (--jobs 2 --variants r: one thread, so that two such runs, e.g. two "
+        "seeds, can share 2 cores)",
     )
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)

@@ -110,6 +110,8 @@ class MultiWorkerConfig:
         k8s = values.pop("kubernetes", None)
         _reject_unknown(cls, values, "multiworker")
         if k8s is not None:
+            if not isinstance(k8s, dict):
+                raise ValueError(f"multiworker.kubernetes must be a mapping, got {k8s!r}")
             _reject_unknown(KubernetesConfig, k8s, "multiworker.kubernetes")
             _require(KubernetesConfig, k8s, "multiworker.kubernetes")
             values["kubernetes"] = KubernetesConfig(**k8s)

@@ -496,6 +496,11 @@ def test_kubernetes_settings_need_cpu_and_memory():
     assert (config.kubernetes.cpu, config.kubernetes.memory) == ("500m", "1.5Gi")
 
 
+def test_kubernetes_settings_must_be_a_mapping():
+    with pytest.raises(ValueError, match=r"^multiworker.kubernetes must be a mapping, got 3$"):
+        MultiWorkerConfig.from_dict({"backend": "kubernetes", "kubernetes": 3})
+
+
 OWNER = {"apiVersion": "v1", "kind": "Pod", "name": "stn-retrain-1-x", "uid": "u-pod"}
 
 
