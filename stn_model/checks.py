@@ -4,9 +4,14 @@ that names the argument and what it got."""
 import numbers
 
 
+def is_int(value, minimum=1):
+    """Whether `value` is an integer (not a bool) >= `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_int(value, name, minimum=1):
     """`value` if it is an integer (not a bool) >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 

@@ -26,6 +26,7 @@ import tf_keras as keras
 
 from components.input_shards import list_files, worker_records
 from stn_model import serving
+from stn_model.checks import is_int
 from stn_model.keras_setup import skip_autograph_of_tf_keras
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,11 @@ logger = logging.getLogger(__name__)
 LABEL_FEATURE = "label"
 
 
-def _is_int(value, minimum):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _is_number(value):
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_POSITIVE_INT = (lambda v: _is_int(v, 1), "an integer >= 1")
+_POSITIVE_INT = (lambda v: is_int(v, 1), "an integer >= 1")
 # Every TrainingOptions field: (whether a value is accepted, what the error says it must be).
 # The equivariance angle has the range `equivariance.RotationEquivariance` accepts.
 _OPTION_CHECKS = {
@@ -51,10 +48,10 @@ _OPTION_CHECKS = {
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "image_size": _POSITIVE_INT,
     "num_classes": _POSITIVE_INT,
-    "seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "seed": (lambda v: is_int(v, 0), "an integer >= 0"),
     "st_iterations": _POSITIVE_INT,
     "full_resolution_localization": (lambda v: isinstance(v, bool), "true or false"),
-    "localization_hidden_units": (lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null"),
+    "localization_hidden_units": (lambda v: v is None or is_int(v, 1), "an integer >= 1 or null"),
     "equivariance_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "equivariance_angle": (lambda v: _is_number(v) and 0 < v <= 180, "a number in (0, 180]"),
     "warm_start_model": (lambda v: v is None or isinstance(v, str), "a SavedModel path or null"),
