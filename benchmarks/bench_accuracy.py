@@ -64,11 +64,12 @@ same way). All three options and `--st-output-size 42`: 1,540 to 1,700 per ST-CN
 same way; the CNN with `--canvas 28`: 130 to 150, and with `--zoom` too, 190 to 235 (two such
 runs at a time). `--elastic-alpha` makes drawing an R epoch cost 13 CPU seconds instead of 5
 (counted in the first model's fit). The TPS ST-CNN with `--tps-iterations 3` and both
-localization options: 1,415 to 1,445 CPU seconds; the similarity ST-CNN costs what the affine
+localization options: 1,310 to 1,445 CPU seconds; the similarity ST-CNN costs what the affine
 one does.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import functools
 import json
@@ -400,9 +401,14 @@ def classification_loss(label_smoothing):
     return smoothed_cross_entropy
 
 
+Trained = collections.namedtuple("Trained", "model fitted history wall_s cpu_s")
+Trained.__doc__ = """A trained model; `fitted` is what `fit` trained: `model`, or the wrapper
+that adds the equivariance loss around it; `history` is `fit`'s per-epoch metrics."""
+
+
 def train(name, fit_input, train_images, evaluation, args):
     """Train one model with the shared recipe on `fit_input()` (see `training_set`), checking
-    on `evaluation` (eval images, labels) every epoch; -> (model, history, fit wall s, fit CPU s).
+    on `evaluation` (eval images, labels) every epoch; -> `Trained`.
     """
     from stn_model.equivariance import with_rotation_equivariance
     from stn_model.models import build_model
@@ -437,7 +443,9 @@ def train(name, fit_input, train_images, evaluation, args):
         validation_data=(eval_x, eval_y),
         verbose=2,
     )
-    return model, history.history, time.perf_counter() - wall, time.process_time() - cpu
+    return Trained(
+        model, fitted, history.history, time.perf_counter() - wall, time.process_time() - cpu
+    )
 
 
 def save_pictures(variant, model, eval_x, eval_y, out):
@@ -657,7 +665,7 @@ def run_variant(variant, args):
     results, histories, pictured = {}, {}, False
     for name in args.models:
         print(f"== {variant} / {name}", flush=True)
-        model, history, wall, cpu = train(name, fit_input, train_images, (eval_x, eval_y), args)
+        model, _, history, wall, cpu = train(name, fit_input, train_images, (eval_x, eval_y), args)
         predicted = model.predict(eval_x, batch_size=512, verbose=0).argmax(axis=1)
         error, error_se = error_over_digits(predicted != eval_y, sources)
         print(f"== {variant} / {name}: test error {error:.2f}%", flush=True)

@@ -2,7 +2,8 @@
 
 Compiles the same pipeline `run` runs with TFX's KubeflowV2DagRunner into a KFP v2 YAML
 package that `stn-pipeline schedule` (or the Kubeflow UI) uploads. Paths in the configuration
-are taken as seen inside the cluster: the home defaults to the shared volume at /stn/home.
+are taken as seen inside the cluster: the home defaults to the shared volume at /stn/home
+unless the config file or --home sets it.
 """
 
 import sys
@@ -30,8 +31,8 @@ def add_compile_arguments(parser):
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
     parser.add_argument(
         "--home",
-        default=DEFAULT_KUBEFLOW_HOME,
-        help=f"the home as the pipeline's pods see it (default {DEFAULT_KUBEFLOW_HOME})",
+        help="the home as the pipeline's pods see it (default: the config's home, else "
+        f"{DEFAULT_KUBEFLOW_HOME})",
     )
     parser.add_argument("--data-root", help="data root as the pods see it (default <home>/data)")
     parser.add_argument(
@@ -50,6 +51,7 @@ def compile_from_args(args, output_path):
 
     config = load_config(
         args.config,
+        defaults={"home": kubeflow_runner.DEFAULT_KUBEFLOW_HOME},
         home=args.home,
         data_root=args.data_root,
         container_image=args.image,

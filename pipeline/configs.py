@@ -88,6 +88,7 @@ class PipelineConfig:
     # with `span_window` K, and train on what was ingested
     span: int | None = None
     span_window: int = 1
+    max_bad_files: int = 0  # bad inputs ImageExampleGen may skip (named in the summary) per run
     warm_start_model: str | None = None  # a pushed SavedModel whose weights training starts from
     # Kubeflow (`compile`, `schedule`): every step's image; where artifacts go (default
     # <home>/pipeline_root), e.g. minio://bucket/stn
@@ -115,8 +116,9 @@ class PipelineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"config field 'seed' must be >= 0, got {self.seed}")
+        for name in ("seed", "max_bad_files"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("train_steps", "eval_steps", "span", "localization_hidden_units"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -164,6 +166,12 @@ class PipelineConfig:
             self.multiworker_config()
         except (ValueError, TypeError) as error:
             raise ValueError(f"config field 'multiworker': {error}") from None
+        if self.multiworker_config().mixed_precision and not self.uses_multiworker_trainer:
+            raise ValueError(
+                "config field 'multiworker': mixed_precision (--mixed-precision) needs the "
+                "multi-worker trainer, num_workers > 1 (--workers) or backend 'kubernetes'; "
+                "one local worker is the stock Trainer, which trains in float32"
+            )
 
     def multiworker_config(self):
         """The `MultiWorkerConfig` of the `multiworker` field (num_workers defaults to 1)."""
@@ -283,9 +291,10 @@ def _check_names(values, where):
         raise ValueError(f"{where}: unknown config field(s) {unknown}; known: {sorted(known)}")
 
 
-def load_config(path=None, **overrides):
-    """The default config, updated by the YAML file at `path` (if any), then by `overrides`."""
-    values = {}
+def load_config(path=None, defaults=None, **overrides):
+    """The default config with the fields of `defaults` (a mapping) in place of the built-in
+    ones, updated by the YAML file at `path` (if any), then by `overrides`."""
+    values = dict(defaults or {})
     if path is not None:
         try:
             with open(path) as handle:
@@ -305,5 +314,5 @@ def load_config(path=None, **overrides):
         except ValueError as error:
             raise ValueError(f"config file {path}: {error}") from None
     else:
-        config = PipelineConfig()
+        config = PipelineConfig(**values)
     return config.replace(**overrides)

@@ -2,9 +2,10 @@
 
 It stands in for a trained STN wherever the model server itself is under test (tests, the
 serving benchmark): its answers are `softmax(pixels @ weights + bias)`, which NumPy can check.
-The contract is the one in DESIGN.md: signature `serving_default` takes `images`, a 1-D
-tf.string tensor of encoded PNG or JPEG images, and returns `probabilities` [B, C] float32 and
-`classes` [B] int64; signature `rectify` returns the 42x42 grayscale images the classifier sees.
+The contract is the one stn_model/serving.py exports: signature `serving_default` takes
+`images`, a 1-D tf.string tensor of encoded PNG or JPEG images, and returns `probabilities`
+[B, C] float32 and `classes` [B] int64; signature `rectify` returns the 42x42 grayscale images
+the classifier sees.
 """
 
 import numpy as np

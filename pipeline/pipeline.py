@@ -96,6 +96,7 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         image_shape=(config.image_size, config.image_size, 1),
         range_config=_span_range(config.span),
         span_window=config.span_window,
+        max_bad_files=config.max_bad_files,
     )
     validation = build_validation(example_gen.outputs["examples"])
 

@@ -280,6 +280,9 @@ def _data_section(results):
         for spans, counts in results.spans
     ]
     body = f"<ul>{''.join(lines)}</ul>" if lines else _note("no ingested data recorded")
+    if results.skipped:
+        skipped = "".join(f"<li>{_text(line)}</li>" for line in results.skipped)
+        body += f"<p>Skipped {len(results.skipped)} bad input(s):</p><ul>{skipped}</ul>"
     return f"<h2>Data</h2>{body}"
 
 

@@ -166,6 +166,7 @@ class RunReport:
     pushed_to: str | None
     push_note: str
     timings: dict  # node id -> (seconds, state)
+    skipped: list = dataclasses.field(default_factory=list)  # bad inputs skipped, a line each
 
 
 def run_report(config, run_id=None):
@@ -180,7 +181,20 @@ def run_report(config, run_id=None):
         pushed_to=_pushed_to(nodes),
         push_note=_push_note(nodes, config),
         timings={node.node_id: (node.seconds, node.state) for node in nodes.values()},
+        skipped=_skipped(nodes),
     )
+
+
+def _examples(nodes):
+    """ImageExampleGen's output as a TFX Examples artifact, or None."""
+    from tfx.types import standard_artifacts
+
+    examples = _artifact(nodes.get("ImageExampleGen"), "examples")
+    if examples is None:
+        return None
+    artifact = standard_artifacts.Examples()
+    artifact.set_mlmd_artifact(examples)
+    return artifact
 
 
 def _spans(nodes):
@@ -189,7 +203,7 @@ def _spans(nodes):
 
     from components.image_example_gen import ingested_spans
 
-    examples = _artifact(nodes.get("ImageExampleGen"), "examples")
+    examples = _examples(nodes)
     statistics = _artifact(nodes.get("StatisticsGen"), "statistics")
     if examples is None:
         return []
@@ -199,9 +213,16 @@ def _spans(nodes):
         stats.set_mlmd_artifact(statistics)
         for split in artifact_utils.decode_split_names(stats.split_names):
             counts[split] = load_statistics(stats, split).proto().datasets[0].num_examples
-    artifact = standard_artifacts.Examples()
-    artifact.set_mlmd_artifact(examples)
-    return [(ingested_spans(artifact), counts)]
+    return [(ingested_spans(examples), counts)]
+
+
+def _skipped(nodes):
+    from components.image_example_gen import SKIPPED_FILES_PROPERTY
+
+    examples = _examples(nodes)
+    if examples is None:
+        return []
+    return list(examples.get_json_value_custom_property(SKIPPED_FILES_PROPERTY) or [])
 
 
 def span_label(spans):
@@ -327,6 +348,9 @@ def format_report(report):
     for spans, counts in report.spans:
         sizes = ", ".join(f"{split} {count:,}" for split, count in counts.items())
         lines.append(f"data: {span_label(spans)} ({sizes} examples)")
+    if report.skipped:
+        lines.append(f"skipped: {len(report.skipped)} bad input(s) (max_bad_files allows it)")
+        lines.extend(f"  - {line}" for line in report.skipped)
     if report.anomalies:
         lines.append(f"anomalies: {len(report.anomalies)}")
         lines.extend(f"  - {sentence}" for sentence in report.anomalies)

@@ -33,9 +33,9 @@ uniform scale, shift) is the one that R and RTS distort by.
 
 Our choice, not the paper's: the transformer of an ST model writes a `st_output_size`
 (default 28 x 28) image, whatever the input size. On the 42 x 42 RTS canvas the classifier
-then sees a 28 x 28 rectified crop, which is cheaper and more accurate than the CNN on the
-whole canvas (measured: /work/shared/STACK.md, last section). An option, off by default:
-`full_resolution_localization=True` drops the CNN localization net's first max-pool (on
+then sees a 28 x 28 rectified crop: on R, writing 42 x 42 instead took 1.5 times the CPU
+for no fewer errors (docs/accuracy_experiments.md, `--st-output-size 42`). An option, off by
+default: `full_resolution_localization=True` drops the CNN localization net's first max-pool (on
 elastic digits it gave fewer errors: benchmarks/results/full_resolution_localization/).
 Another, also off by default: `st_iterations=N` runs the transformer's localization net N
 times, each pass correcting the transform found so far (Lin & Lucey 2017;

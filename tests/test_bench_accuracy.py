@@ -48,13 +48,20 @@ def test_transformer_options_reach_the_trained_model(option, name, features, ite
     args = bench_accuracy.parse_args(["--small", *option])
     images = np.random.default_rng(0).random((16, 42, 42, 1), dtype=np.float32)
     labels = np.arange(16) % 10
-    model, history, _, _ = bench_accuracy.train(
+    model, fitted, history, _, _ = bench_accuracy.train(
         name,
         lambda: {"x": images, "y": labels, "batch_size": 8},
         len(labels),
         (images, labels),
         args,
     )
+    assert fitted.optimizer.iterations.numpy() == 2  # one epoch of two batches
+    if args.equivariance_weight:
+        wrapper = fitted.get_layer("rotation_equivariance")
+        assert (wrapper.weight, wrapper.max_angle) == (1.0, pytest.approx(np.radians(45)))
+        assert wrapper.transformer is find_spatial_transformer(model)
+    else:
+        assert fitted is model
     transformer = find_spatial_transformer(model)
     assert transformer.head.kernel.shape[0] == features
     assert transformer.iterations == iterations

@@ -119,6 +119,25 @@ def test_the_gradient_pulls_the_turned_side_only():
     np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("weight, max_angle_deg", [(1.0, 1.0), (2.0, 1.0), (0.5, 90.0)])
+def test_the_layer_adds_weight_times_the_loss_for_angles_within_max_angle(weight, max_angle_deg):
+    # Constant head B (2x3): R(a) turns each column of B, so the squared differences sum to
+    # 4 sin^2(a/2) |B|^2 over the six entries. The layer's angles are the draws of the same
+    # seeded generator, uniform in +-max_angle_deg.
+    bias = np.array([0.9, 0.2, 0.1, -0.1, 1.1, -0.3], np.float32)
+    layer = RotationEquivariance(constant_transformer("affine", bias), weight, max_angle_deg)
+    x = square_images(batch=3)
+    tf.random.set_seed(11)
+    limit = np.radians(max_angle_deg)
+    angles = tf.random.uniform([3], -limit, limit).numpy()
+    tf.random.set_seed(11)
+    np.testing.assert_array_equal(layer(x, training=True), x)
+    expected = weight * np.mean(4 * np.sin(angles / 2) ** 2 * np.sum(bias**2) / 6)
+    np.testing.assert_allclose(layer.losses[0].numpy(), expected, rtol=1e-4)
+    # The bound at max_angle_deg does not lean on the generator: every angle is within it.
+    assert layer.losses[0].numpy() <= weight * 4 * np.sin(limit / 2) ** 2 * np.sum(bias**2) / 6
+
+
 def test_wrapper_trains_the_models_weights_with_the_loss_added_only_in_training():
     model = build_model(
         "st_cnn_affine", input_shape=(28, 28, 1), num_classes=10, st_output_size=(24, 24)

@@ -90,17 +90,28 @@ def test_compiled_steps_run_the_tfx_executor_in_the_configured_image(package):
         ]
 
 
-def test_compiled_paths_are_the_cluster_home(package):
+def _constant(package, task, name):
+    """The string constant that the compiled `task` gets as its parameter `name`."""
     tasks = json_format.MessageToDict(_parse_package(package).root)["dag"]["tasks"]
+    parameter = tasks[task]["inputs"]["parameters"][name]
+    return parameter["runtimeValue"]["constantValue"]["stringValue"]
 
-    def constant(task, name):
-        return tasks[task]["inputs"]["parameters"][name]["runtimeValue"]["constantValue"][
-            "stringValue"
-        ]
 
-    assert constant("ImageExampleGen", "input_base") == "/stn/home/data"
-    destination = json.loads(constant("Pusher", "push_destination"))
+def test_compiled_paths_are_the_cluster_home(package):
+    assert _constant(package, "ImageExampleGen", "input_base") == "/stn/home/data"
+    destination = json.loads(_constant(package, "Pusher", "push_destination"))
     assert destination == {"filesystem": {"base_directory": "/stn/home/serving/stn"}}
+
+
+def test_the_config_files_home_is_kept_and_home_overrides_it(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("home: /mnt/stn\n")
+    path = tmp_path / "stn.yaml"
+    argv = ["compile", "--kubeflow", str(path), "--config", str(config_file)]
+    assert cli.main(argv) == 0
+    assert _constant(path, "ImageExampleGen", "input_base") == "/mnt/stn/data"
+    assert cli.main([*argv, "--home", "/srv/stn"]) == 0
+    assert _constant(path, "ImageExampleGen", "input_base") == "/srv/stn/data"
 
 
 def test_a_span_window_compiles_into_the_example_gen_without_a_resolver(tmp_path):

@@ -26,6 +26,7 @@ train_steps: 120
 learning_rate: 0.003
 accuracy_floor: {FLOOR}
 regression_tolerance: 0.05
+max_bad_files: 1
 """
 
 
@@ -55,6 +56,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data, home = root / "data", root / "home"
     spans.write_span(data, span=1, copies=2, per_class=30, report=lambda line: None)
+    (data / "span-1" / "train" / "3" / "cut-short.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     config_file = root / "config.yaml"
     config_file.write_text(CONFIG)
     common = ["--home", str(home), "--data-root", str(data), "--config", str(config_file)]
@@ -81,6 +83,9 @@ def test_first_run_is_blessed_and_pushed(runs):
     config, out = runs["config"], runs["first"].stdout
     assert "model: BLESSED" in out
     assert "first model: no baseline yet" in out
+    cut_short = runs["data"] / "span-1" / "train" / "3" / "cut-short.png"
+    assert "skipped: 1 bad input(s) (max_bad_files allows it)" in out
+    assert f"  - {cut_short} is not a decodable PNG image" in out
     for component in ("ImageExampleGen", "StatisticsGen", "Trainer", "Evaluator", "Pusher"):
         assert f"{component} done in" in out
     assert os.path.isfile(config.metadata_path)
@@ -244,6 +249,18 @@ def test_worker_options_override_the_config_files_multiworker(tmp_path, command)
     assert unchanged.multiworker == {"max_restarts": 0, "num_workers": 4}
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--backend", "slurm"])
+
+
+def test_mixed_precision_with_the_stock_trainer_is_refused_not_ignored(tmp_path, capsys):
+    from pipeline import cli
+
+    with pytest.raises(ValueError, match=r"mixed_precision \(--mixed-precision\) needs the"):
+        load_config(multiworker={"mixed_precision": True})
+    assert load_config(multiworker={"mixed_precision": True, "num_workers": 2}).multiworker
+    argv = ["run", "--home", str(tmp_path / "home"), "--mixed-precision"]
+    assert cli.main(argv) == 2
+    assert "stn-pipeline run: config field 'multiworker'" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # refused before the default data set is made
 
 
 def test_uris_with_a_scheme_stay_as_they_are():

@@ -76,6 +76,7 @@ def hand_built_facts():
         pushed_to=None,
         push_note="not pushed: the Evaluator did not bless the model; serving keeps version 7",
         timings={},
+        skipped=["/data/span-3/train/4/x.png is not a PNG or JPEG file (starts with b'<html>')"],
     )
     samples = [
         report.VariantSamples(
@@ -118,6 +119,8 @@ def test_page_states_the_facts(tmp_path):
     index = report.write_report(hand_built_facts(), str(tmp_path / "r"))
     page = Path(index).read_text(encoding="utf-8")
     assert "spans 2, 3: train 1,200, eval 300 examples" in page
+    assert "Skipped 1 bad input(s)" in page
+    assert "<li>/data/span-3/train/4/x.png is not a PNG or JPEG file (starts with b&#x27;" in page
     assert "1 found" in page and "value 11 outside the domain &lt;0..9&gt;" in page
     assert "NOT BLESSED" in page
     # Candidate and baseline per slice, and the change: 0.85 - 0.90 and 0.80 - 0.75.
