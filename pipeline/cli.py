@@ -67,7 +67,13 @@ def main(argv=None):
         parser.print_help()
         return 2
     with sigterm_exits():
-        return args.func(args)
+        try:
+            return args.func(args)
+        except OSError as error:  # a path that cannot be read or written: which, and why
+            logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"stn-pipeline {args.command}: {where}{error.strerror or error}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ are taken as seen inside the cluster: the home defaults to the shared volume at 
 unless the config file or --home sets it.
 """
 
+import os
 import sys
 
-from pipeline.configs import load_config
+from pipeline.configs import check_directory, load_config
 
 
 def register(subparsers):
@@ -57,6 +58,7 @@ def compile_from_args(args, output_path):
         container_image=args.image,
         kubeflow_pipeline_root=args.pipeline_root,
     )
+    check_directory(os.path.dirname(os.path.abspath(output_path)), "the package's folder")
     kubeflow_runner.compile_for_kubeflow(
         config, output_path, config.container_image, config.kubeflow_pipeline_root
     )

@@ -45,6 +45,23 @@ def check_model_name(name, field="model_name"):
         )
 
 
+def check_directory(path, name, must_exist=False):
+    """Raise a ValueError naming `name` unless `path` is a directory or, unless `must_exist`,
+    could be made one (no file in the way). URIs with a scheme (gs://) are left alone."""
+    path = str(path)
+    if "://" in path:
+        return
+    if must_exist and not os.path.exists(path):
+        raise ValueError(f"{name} {path} does not exist")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if existing == os.path.abspath(path) and not os.path.isdir(existing):
+        raise ValueError(f"{name} {path} is not a directory")
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} {path} cannot be a directory: {existing} is not one")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Everything a run of the pipeline depends on."""
@@ -119,6 +136,8 @@ class PipelineConfig:
         for name in ("seed", "max_bad_files"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**32:
+            raise ValueError(f"config field 'seed' must be < 2**32 (TensorFlow's), got {self.seed}")
         for name in ("train_steps", "eval_steps", "span", "localization_hidden_units"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -301,6 +320,8 @@ def load_config(path=None, defaults=None, **overrides):
                 loaded = yaml.safe_load(handle)
         except OSError as error:
             raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
+        except UnicodeDecodeError as error:
+            raise ValueError(f"config file {path} is not UTF-8 text: {error}") from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path} is not valid YAML: {error}") from error
         if loaded is None:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from pipeline import distorted_mnist, spans
+from pipeline.configs import check_directory
 
 
 def register(subparsers):
@@ -55,6 +56,7 @@ def run(args):
         print(message, file=sys.stderr, flush=True)
 
     try:
+        check_directory(args.out, "--out")
         folder = spans.write_span(
             args.out,
             span=args.span,

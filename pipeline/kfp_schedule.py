@@ -65,7 +65,7 @@ def upload(client, package_path, pipeline_name):
             pipeline.pipeline_id, page_size=1, sort_by="created_at desc"
         ).pipeline_versions
         if not versions:
-            raise ValueError(f"Kubeflow made pipeline {pipeline_name} but no version of it")
+            raise RuntimeError(f"Kubeflow made pipeline {pipeline_name} but no version of it")
         return pipeline.pipeline_id, versions[0].pipeline_version_id, True
     version = client.upload_pipeline_version(
         package_path, _version_name(package_path), pipeline_id=pipeline_id

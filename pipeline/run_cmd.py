@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from components.multiworker_config import BACKENDS
-from pipeline.configs import RUNNING_MODES, PipelineConfig, load_config
+from pipeline.configs import RUNNING_MODES, PipelineConfig, check_directory, load_config
 
 # Our loggers keep INFO (epoch lines, data set progress); the libraries' INFO lines, which
 # drown the progress lines, show with --verbose only.
@@ -89,14 +89,19 @@ def config_from_args(args):
 
 def ensure_data(config, report):
     """Make the default data set under ``<home>/data`` unless a data root already has spans."""
-    from pipeline import spans
+    from pipeline import distorted_mnist, spans
 
+    check_directory(config.home_dir, "--home")
     if config.data_root is not None:
-        if not os.path.isdir(config.data_dir):
-            raise ValueError(f"--data-root {config.data_dir} does not exist")
+        check_directory(config.data_dir, "--data-root", must_exist=True)
         return
+    check_directory(config.data_dir, "the data folder")
     if any(name.startswith("span-") for name in _listdir(config.data_dir)):
         return
+    try:
+        distorted_mnist.check_canvas(config.image_size)
+    except ValueError as error:
+        raise ValueError(f"config field 'image_size' is the default data set's {error}") from None
     report(f"making the default data set under {config.data_dir}")
     spans.write_span(
         config.data_dir, span=1, canvas=config.image_size, report=lambda line: report("  " + line)

@@ -56,8 +56,11 @@ def run(args):
                 warnings.simplefilter("ignore", FutureWarning)
                 client = kfp.Client(host=args.host)
             done = kfp_schedule.schedule(client, package, name, args.cron, args.experiment)
+    except ValueError as error:  # the command's own inputs: cron, config, package name
+        print(f"stn-pipeline schedule: {error}", file=sys.stderr)
+        return 2
     except (
-        ValueError,
+        RuntimeError,
         OSError,
         kfp_server_api.ApiException,
         urllib3.exceptions.HTTPError,  # cannot reach the host

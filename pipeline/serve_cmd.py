@@ -7,14 +7,14 @@ import signal
 import sys
 import threading
 
-from pipeline.configs import PipelineConfig
+from pipeline.configs import PipelineConfig, check_directory
 
 log = logging.getLogger(__name__)
 
 
 def _positive_float(text):
     value = float(text)
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
@@ -78,11 +78,15 @@ def run(args):
 
     try:
         repository = ModelRepository(os.path.join(args.home, "serving"), args.model_name)
+        check_directory(repository.model_dir, "the model folder")
         server = ModelServer(
             repository, (args.host, args.port), args.poll_seconds, args.max_request_bytes
         )
-    except (ValueError, OSError) as error:  # a bad model name; the port is taken
+    except ValueError as error:  # a bad model name, a --home that is a file
         print(f"stn-pipeline serve: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the port is taken, the host unknown
+        print(f"stn-pipeline serve: error: {args.host}:{args.port}: {error}", file=sys.stderr)
         return 2
     repository.poll()
     if repository.served() is None:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from pipeline import run_cmd
+from pipeline.configs import check_directory
 
 EXIT_BUSY = 3
 
@@ -60,8 +61,8 @@ def run(args):
 
     try:
         config = run_cmd.config_from_args(args)
-        if not os.path.isdir(config.data_dir):
-            raise ValueError(f"--data-root {config.data_dir} does not exist")
+        check_directory(config.home_dir, "--home")
+        check_directory(config.data_dir, "--data-root", must_exist=True)
         watch = watcher.Watcher(
             config.home_dir,
             config.data_dir,

@@ -3,17 +3,26 @@ that names the argument and what it got."""
 
 import numbers
 
+import numpy as np
+
 
 def is_int(value, minimum=1):
-    """Whether `value` is an integer (not a bool) >= `minimum`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """Whether `value` is an integer (NumPy's too, not a bool) >= `minimum`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
 
 def check_int(value, name, minimum=1):
-    """`value` if it is an integer (not a bool) >= `minimum`."""
+    """`value` as an int if it is an integer (NumPy's too, not a bool) >= `minimum`."""
     if not is_int(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_bool(value, name):
+    """`value` as a bool if it is one (NumPy's too); a string such as "False" is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _integral(value):

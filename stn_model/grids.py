@@ -11,12 +11,12 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from stn_model.checks import check_size
+from stn_model.checks import check_bool, check_size
 
 
 def _steps(n, align_corners):
     """The n normalized pixel coordinates along one axis (PyTorch's linspace_from_neg_one)."""
-    if align_corners:
+    if check_bool(align_corners, "align_corners"):
         return np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
     return (np.arange(n) * 2.0 + 1.0) / n - 1.0
 

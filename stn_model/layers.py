@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from stn_model.checks import check_int, check_size
+from stn_model.checks import check_bool, check_int, check_size
 from stn_model.grids import (
     affine_grid,
     projective_grid,
@@ -128,8 +128,8 @@ class SpatialTransformer(keras.layers.Layer):
       padding_mode: where the grid leaves the input: "zeros" reads 0, "border" the nearest
         edge pixel.
       align_corners: the sampling convention of PyTorch's `F.grid_sample`. With the default
-        False, the identity transform and output_size equal to the input size return the
-        input exactly.
+        False, the identity transform and output_size equal to the input size read every
+        pixel at its centre, so they return the input (to float32 rounding of the grid).
       iterations: passes of the localization net (the module docstring; with more than 1, a
         TPS transformer adds a 6-unit affine head, `affine_head`, for its first N - 1); more
         than 1 needs inputs of a fixed height and width.
@@ -162,16 +162,16 @@ class SpatialTransformer(keras.layers.Layer):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
         if transform == "tps":
-            check_int(tps_grid_size, "tps_grid_size", minimum=2)
+            tps_grid_size = check_int(tps_grid_size, "tps_grid_size", minimum=2)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        check_int(iterations, "iterations")
+        iterations = check_int(iterations, "iterations")
         self.localization_net = localization_net
         self.output_size = check_size(output_size)
         self.transform = transform
         self.tps_grid_size = tps_grid_size
         self.padding_mode = padding_mode
-        self.align_corners = bool(align_corners)
+        self.align_corners = check_bool(align_corners, "align_corners")
         self.iterations = iterations
         identity = identity_parameters(transform, tps_grid_size)
         self.flatten = keras.layers.Flatten(name="features")

@@ -166,9 +166,20 @@ def build_model(
         raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
     input_shape = check_positive_ints(input_shape, "input_shape", 3)
     st_output_size = check_positive_ints(st_output_size, "st_output_size", 2)
-    check_int(num_classes, "num_classes", minimum=2)
+    num_classes = check_int(num_classes, "num_classes", minimum=2)
+    st_iterations = check_int(st_iterations, "st_iterations")
     if localization_hidden_units is not None:
-        check_int(localization_hidden_units, "localization_hidden_units")
+        localization_hidden_units = check_int(
+            localization_hidden_units, "localization_hidden_units"
+        )
+    if name in _ST_CNN_TRANSFORMS:
+        # 2x2 pools: three, or two without the first (full_resolution_localization)
+        least = 4 if full_resolution_localization else 8
+        if min(input_shape[:2]) < least:
+            raise ValueError(
+                f"input_shape: the ST-CNN's localization net needs images of at least "
+                f"{least} x {least}, got {input_shape[:2]}"
+            )
     images = keras.Input(input_shape, name="images")
     features = images
     if name in _ST_CNN_TRANSFORMS or name == "st_fcn":

@@ -32,6 +32,7 @@ from tensorflow.python.ops import control_flow_util
 from tensorflow.python.saved_model import save_context
 
 from stn_model import native
+from stn_model.checks import check_bool
 
 PADDING_MODES = ("zeros", "border")
 _PORTABLE = contextvars.ContextVar("stn_portable_ops", default=False)
@@ -191,6 +192,7 @@ def bilinear_sample(images, grid, padding_mode="zeros", align_corners=False):
     result has the dtype of images; grid may have another floating dtype. A NaN coordinate
     samples NaN, +-inf lies outside the image (the module docstring).
     """
+    align_corners = check_bool(align_corners, "align_corners")
     images = tf.convert_to_tensor(images)
     grid = tf.convert_to_tensor(grid, dtype_hint=images.dtype)
     images, grid = _checked(images, grid, padding_mode)

@@ -48,7 +48,7 @@ _OPTION_CHECKS = {
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "image_size": _POSITIVE_INT,
     "num_classes": _POSITIVE_INT,
-    "seed": (lambda v: is_int(v, 0), "an integer >= 0"),
+    "seed": (lambda v: is_int(v, 0) and v < 2**32, "an integer in [0, 2**32)"),
     "st_iterations": _POSITIVE_INT,
     "full_resolution_localization": (lambda v: isinstance(v, bool), "true or false"),
     "localization_hidden_units": (lambda v: v is None or is_int(v, 1), "an integer >= 1 or null"),

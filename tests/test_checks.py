@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stn_model.checks import check_int, check_positive_ints, check_size
+from stn_model.checks import check_bool, check_int, check_positive_ints, check_size
 
 
 @pytest.mark.parametrize(("value", "minimum"), [(1, 1), (7, 1), (2, 2), (0, 0)])
@@ -15,6 +15,21 @@ def test_check_int_returns_integers_at_or_above_the_minimum(value, minimum):
 def test_check_int_rejects_non_integers_bools_and_small_values(value):
     with pytest.raises(ValueError, match=rf"^units must be an integer >= 1, got {value!r}$"):
         check_int(value, "units")
+
+
+def test_numpy_integers_pass_check_int_as_ints():
+    for value in (np.int64(10), np.int32(10), np.uint8(10)):
+        assert type(check_int(value, "num_classes", minimum=2)) is int
+    with pytest.raises(ValueError, match=r"^units must be an integer >= 1, got True$"):
+        check_int(np.bool_(True), "units")
+
+
+def test_check_bool_accepts_bools_only():
+    assert check_bool(np.bool_(False), "align_corners") is False
+    assert check_bool(True, "align_corners") is True
+    for bad in ("False", 0, 1, None):
+        with pytest.raises(ValueError, match=rf"^align_corners must be True or False, got {bad!r}"):
+            check_bool(bad, "align_corners")
 
 
 def test_check_int_names_its_minimum():

@@ -35,9 +35,27 @@ def test_numbers_must_be_finite(tmp_path, name, value):
         load_yaml(tmp_path, f"{name}: {value}\n")
 
 
-def test_a_negative_seed_is_refused_before_the_trainer_would(tmp_path):
+def test_a_seed_tensorflow_refuses_is_refused_before_the_trainer_would(tmp_path):
+    import tf_keras as keras
+
+    from stn_model.trainer import TrainingOptions
+
     with pytest.raises(ValueError, match="config field 'seed' must be >= 0, got -1"):
         load_yaml(tmp_path, "seed: -1\n")
+    with pytest.raises(ValueError, match=r"config field 'seed' must be < 2\*\*32"):
+        load_yaml(tmp_path, "seed: 4294967296\n")
+    with pytest.raises(ValueError, match="Seed must be between 0 and 2"):  # the limit's source
+        keras.utils.set_random_seed(2**32)
+    with pytest.raises(ValueError, match="seed"):
+        TrainingOptions.from_custom_config({"seed": 2**32})
+    assert load_yaml(tmp_path, "seed: 4294967295\n").seed == 2**32 - 1
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"epochs: 2\nmodel: \xff\xfe\n")
+    with pytest.raises(ValueError, match=rf"^config file {path} is not UTF-8 text"):
+        load_config(str(path))
 
 
 def test_a_key_that_is_no_string_is_an_unknown_field(tmp_path):

@@ -166,6 +166,11 @@ def test_wrong_parameter_shapes_raise(generator, parameters, message):
         generator(parameters, (4, 4))
 
 
+def test_align_corners_must_be_a_bool():
+    with pytest.raises(ValueError, match="align_corners must be True or False, got 'False'"):
+        affine_grid(IDENTITY[None], (4, 4), align_corners="False")
+
+
 @pytest.mark.parametrize("output_size", [(0, 4), (4, -1), (4,), "ab", None])
 def test_bad_output_sizes_raise(output_size):
     with pytest.raises(ValueError, match="output_size must be"):

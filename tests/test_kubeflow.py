@@ -399,7 +399,7 @@ def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, pac
 
 @pytest.mark.parametrize("cron", ["0 3 * *", "daily", "0 0 0 3 * * *"])
 def test_schedule_rejects_a_bad_cron_before_calling_kubeflow(kfp_server, package, cron, capsys):
-    assert _schedule(kfp_server, package, "--cron", cron) == 1
+    assert _schedule(kfp_server, package, "--cron", cron) == 2
     assert f"--cron {cron!r} must have 5 fields" in capsys.readouterr().err
     assert kfp_server.calls == []
 

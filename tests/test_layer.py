@@ -334,6 +334,7 @@ def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
         ({"localization_net": np.zeros(3)}, "localization_net must be a Keras layer"),
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"iterations": True}, "iterations must be an integer >= 1"),
+        ({"align_corners": "False"}, "align_corners must be True or False, got 'False'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

@@ -582,7 +582,14 @@ def test_serve_module_does_not_import_tensorflow():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--poll-seconds", "0"], ["--port", "70000"], ["--max-request-bytes", "-1"]]
+    "argv",
+    [
+        ["--poll-seconds", "0"],
+        ["--poll-seconds", "inf"],
+        ["--poll-seconds", "nan"],
+        ["--port", "70000"],
+        ["--max-request-bytes", "-1"],
+    ],
 )
 def test_serve_refuses_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

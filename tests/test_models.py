@@ -200,8 +200,29 @@ def test_models_build_under_mixed_precision():
         ({"name": "cnn", "input_shape": (20, 42, 1)}, "input_shape: the CNN classifier needs"),
         ({"name": "st_cnn_affine", "st_output_size": (16, 16)}, "st_output_size: the CNN"),
         ({"name": "fcn", "num_classes": 1}, "num_classes must be an integer >= 2"),
+        ({"name": "st_fcn", "st_iterations": 0}, "st_iterations must be an integer >= 1"),
+        (
+            {"name": "st_cnn_affine", "input_shape": (7, 7, 1)},
+            r"input_shape: the ST-CNN's localization net needs .* 8 x 8, got \(7, 7\)",
+        ),
+        (
+            {"name": "st_cnn_tps", "input_shape": (3, 9, 1), "full_resolution_localization": True},
+            r"localization net needs images of at least 4 x 4, got \(3, 9\)",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_model(**kwargs)
+
+
+def test_the_smallest_inputs_the_localization_net_takes_build_and_run():
+    # Three 2x2 pools take 8 x 8 to 1 x 1; without the first, two take 4 x 4 there.
+    for side, full_resolution in ((8, False), (4, True)):
+        model = build_model(
+            "st_cnn_affine",
+            input_shape=(side, side, 1),
+            num_classes=np.int64(3),  # e.g. labels.max() + 1
+            full_resolution_localization=full_resolution,
+        )
+        assert model(np.zeros((2, side, side, 1), np.float32)).shape == (2, 3)

@@ -333,6 +333,7 @@ def test_float32_grid_with_float16_images():
         ((2, 4, 4, 1), (2, 9, 2), {}, r"grid must have shape .*got \(2, 9, 2\)"),
         ((2, 4, 4, 1), (3, 3, 3, 2), {}, r"same batch size, got \(2, 4, 4, 1\) and \(3, 3, 3, 2\)"),
         ((2, 0, 4, 1), (2, 3, 3, 2), {}, r"positive height and width, got \(2, 0, 4, 1\)"),
+        ((2, 4, 4, 1), (2, 3, 3, 2), {"align_corners": "no"}, "align_corners must be True or"),
     ],
 )
 def test_bad_arguments_raise(images, grid, kwargs, message):

@@ -1,0 +1,58 @@
+"""Paths a command cannot use: a clear error naming the path, exit status 2, nothing written."""
+
+import pytest
+
+from pipeline import cli
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("a file where a folder should be\n")
+    return path
+
+
+def refused(argv, capsys, words):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["data", "--out", "{file}"], "--out {file} is not a directory"),
+        (["data", "--out", "{file}/spans"], "--out {file}/spans cannot be a directory: {file}"),
+        (["run", "--home", "{file}"], "--home {file} is not a directory"),
+        (["run", "--home", "{tmp}/h", "--data-root", "{file}"], "--data-root {file} is not a dir"),
+        (["run", "--home", "{tmp}/h", "--data-root", "{tmp}/no"], "--data-root {tmp}/no does not"),
+        (["watch", "--home", "{file}", "--data-root", "{tmp}", "--once"], "--home {file} is not"),
+        (["serve", "--home", "{file}", "--port", "0"], "serving/stn cannot be a directory: {file}"),
+        (["compile", "--kubeflow", "{file}/p.yaml"], "package's folder {file} is not a directory"),
+    ],
+)
+def test_a_file_in_the_way_of_a_folder_is_named(tmp_path, a_file, capsys, argv, words):
+    def fill(text):
+        return text.format(file=a_file, tmp=tmp_path)
+
+    refused([fill(arg) for arg in argv], capsys, fill(words))
+    assert a_file.read_text() == "a file where a folder should be\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_image_size_too_small_for_the_default_data_is_the_config_field(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("image_size: 10\n")
+    argv = ["run", "--home", str(tmp_path / "h"), "--config", str(config)]
+    refused(argv, capsys, "config field 'image_size' is the default data set's canvas must be")
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_os_error_no_check_foresaw_is_one_line_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / ("x" * 300)  # longer than a file name may be
+    assert cli.main(["data", "--out", str(out), "--per-class", "1", "--copies", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"stn-pipeline data: {out}" in err and "File name too long" in err
+    assert "Traceback" not in err
