@@ -77,7 +77,10 @@ def metadata_store(metadata_path):
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = metadata_path
     config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-    return metadata_store.MetadataStore(config)
+    try:
+        return metadata_store.MetadataStore(config)
+    except RuntimeError as error:  # not an SQLite file, a folder, ...
+        raise ValueError(f"cannot open the ML Metadata database {metadata_path}: {error}") from None
 
 
 def run_ids(metadata_path, pipeline_name):

@@ -50,6 +50,17 @@ def test_an_image_size_too_small_for_the_default_data_is_the_config_field(tmp_pa
     assert not (tmp_path / "h").exists()
 
 
+@pytest.mark.parametrize("broken", ["folder", "not sqlite"])
+def test_report_names_a_metadata_database_it_cannot_open(tmp_path, capsys, broken):
+    database = tmp_path / "metadata.sqlite"
+    if broken == "folder":
+        database.mkdir()
+    else:
+        database.write_text("not a database\n" * 100)
+    refused(["report", "--home", str(tmp_path)], capsys, f"ML Metadata database {database}")
+    assert not (tmp_path / "reports").exists()
+
+
 def test_an_os_error_no_check_foresaw_is_one_line_not_a_traceback(tmp_path, capsys):
     out = tmp_path / ("x" * 300)  # longer than a file name may be
     assert cli.main(["data", "--out", str(out), "--per-class", "1", "--copies", "1"]) == 1
