@@ -53,13 +53,14 @@ def check_directory(path, name, must_exist=False):
         return
     if must_exist and not os.path.exists(path):
         raise ValueError(f"{name} {path} does not exist")
-    existing = os.path.abspath(path)
+    target = existing = os.path.abspath(path)
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
-    if existing == os.path.abspath(path) and not os.path.isdir(existing):
+    if os.path.isdir(existing):
+        return
+    if existing == target:
         raise ValueError(f"{name} {path} is not a directory")
-    if not os.path.isdir(existing):
-        raise ValueError(f"{name} {path} cannot be a directory: {existing} is not one")
+    raise ValueError(f"{name} {path} cannot be a directory: {existing} is not one")
 
 
 @dataclasses.dataclass(frozen=True)

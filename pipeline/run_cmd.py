@@ -101,7 +101,7 @@ def ensure_data(config, report):
     try:
         distorted_mnist.check_canvas(config.image_size)
     except ValueError as error:
-        raise ValueError(f"config field 'image_size' is the default data set's {error}") from None
+        raise ValueError(f"config field 'image_size' (the default data's {error})") from None
     report(f"making the default data set under {config.data_dir}")
     spans.write_span(
         config.data_dir, span=1, canvas=config.image_size, report=lambda line: report("  " + line)

@@ -175,8 +175,9 @@ class RunReport:
 def run_report(config, run_id=None):
     """The `RunReport` of the latest run of `config`'s pipeline, or of run `run_id`."""
     nodes = latest_node_runs(config.metadata_path, config.pipeline_name, run_id)
+    examples = _examples(nodes)
     return RunReport(
-        spans=_spans(nodes),
+        spans=_spans(examples, nodes),
         anomalies=_anomalies(nodes),
         metrics=_metrics(nodes),
         blessed=_blessed(nodes),
@@ -184,7 +185,7 @@ def run_report(config, run_id=None):
         pushed_to=_pushed_to(nodes),
         push_note=_push_note(nodes, config),
         timings={node.node_id: (node.seconds, node.state) for node in nodes.values()},
-        skipped=_skipped(nodes),
+        skipped=_skipped(examples),
     )
 
 
@@ -200,13 +201,12 @@ def _examples(nodes):
     return artifact
 
 
-def _spans(nodes):
+def _spans(examples, nodes):
     from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
     from tfx.types import artifact_utils, standard_artifacts
 
     from components.image_example_gen import ingested_spans
 
-    examples = _examples(nodes)
     statistics = _artifact(nodes.get("StatisticsGen"), "statistics")
     if examples is None:
         return []
@@ -219,10 +219,9 @@ def _spans(nodes):
     return [(ingested_spans(examples), counts)]
 
 
-def _skipped(nodes):
+def _skipped(examples):
     from components.image_example_gen import SKIPPED_FILES_PROPERTY
 
-    examples = _examples(nodes)
     if examples is None:
         return []
     return list(examples.get_json_value_custom_property(SKIPPED_FILES_PROPERTY) or [])

@@ -46,7 +46,8 @@ def test_an_image_size_too_small_for_the_default_data_is_the_config_field(tmp_pa
     config = tmp_path / "c.yaml"
     config.write_text("image_size: 10\n")
     argv = ["run", "--home", str(tmp_path / "h"), "--config", str(config)]
-    refused(argv, capsys, "config field 'image_size' is the default data set's canvas must be")
+    words = "config field 'image_size' (the default data's canvas must be at least 28 pixels"
+    refused(argv, capsys, words)
     assert not (tmp_path / "h").exists()
 
 
