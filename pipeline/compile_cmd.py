@@ -1,7 +1,9 @@
 """`stn-pipeline compile --kubeflow FILE.yaml`: the pipeline as a Kubeflow Pipelines package.
 
-Compiles the same pipeline `run` runs with TFX's KubeflowV2DagRunner into a KFP v2 YAML
-package that `stn-pipeline schedule` (or the Kubeflow UI) uploads. Paths in the configuration
+Writes a KFP v2 YAML package that `stn-pipeline schedule` (or the Kubeflow UI) uploads. With
+--target kubeflow (the default), for the open-source KFP backend: one step that runs `watch
+--once` on the shared volume, the whole pipeline inside it. With --target vertex, for Vertex AI
+Pipelines: one step per TFX component (TFX's KubeflowV2DagRunner). Paths in the configuration
 are taken as seen inside the cluster: the home defaults to the shared volume at /stn/home
 unless the config file or --home sets it.
 """
@@ -10,6 +12,8 @@ import os
 import sys
 
 from pipeline.configs import check_directory, load_config
+
+TARGETS = ("kubeflow", "vertex")
 
 
 def register(subparsers):
@@ -40,16 +44,28 @@ def add_compile_arguments(parser):
         "--image", help="container image of every step (default: the config's container_image)"
     )
     parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="kubeflow",
+        help="kubeflow: open-source Kubeflow Pipelines, one step running `watch --once` "
+        "(default); vertex: Vertex AI Pipelines, one step per TFX component",
+    )
+    parser.add_argument(
         "--pipeline-root",
-        help="where artifacts go, e.g. minio://bucket/stn (default: the config's "
+        help="--target vertex: where artifacts go, e.g. gs://bucket/stn (default: the config's "
         "kubeflow_pipeline_root, else <home>/pipeline_root)",
     )
 
 
 def compile_from_args(args, output_path):
     """Compile the pipeline that `args` describe to `output_path`; return the config used."""
-    from pipeline import kubeflow_runner
+    from pipeline import kubeflow_runner, kubeflow_watch
 
+    if args.pipeline_root and args.target != "vertex":
+        raise ValueError(
+            "--pipeline-root is for --target vertex: the kubeflow target keeps its artifacts "
+            "under the home's pipeline_root"
+        )
     config = load_config(
         args.config,
         defaults={"home": kubeflow_runner.DEFAULT_KUBEFLOW_HOME},
@@ -59,9 +75,12 @@ def compile_from_args(args, output_path):
         kubeflow_pipeline_root=args.pipeline_root,
     )
     check_directory(os.path.dirname(os.path.abspath(output_path)), "the package's folder")
-    kubeflow_runner.compile_for_kubeflow(
-        config, output_path, config.container_image, config.kubeflow_pipeline_root
-    )
+    if args.target == "vertex":
+        kubeflow_runner.compile_for_kubeflow(
+            config, output_path, config.container_image, config.kubeflow_pipeline_root
+        )
+    else:
+        kubeflow_watch.compile_watch_package(config, output_path, config.container_image)
     return config
 
 
@@ -71,5 +90,8 @@ def run(args):
     except ValueError as error:
         print(f"stn-pipeline compile: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.kubeflow}: pipeline {config.pipeline_name}, image {config.container_image}")
+    print(
+        f"wrote {args.kubeflow}: pipeline {config.pipeline_name} for {args.target}, "
+        f"image {config.container_image}"
+    )
     return 0

@@ -108,8 +108,8 @@ class PipelineConfig:
     span_window: int = 1
     max_bad_files: int = 0  # bad inputs ImageExampleGen may skip (named in the summary) per run
     warm_start_model: str | None = None  # a pushed SavedModel whose weights training starts from
-    # Kubeflow (`compile`, `schedule`): every step's image; where artifacts go (default
-    # <home>/pipeline_root), e.g. minio://bucket/stn
+    # Kubeflow (`compile`, `schedule`): every step's image; with --target vertex, where
+    # artifacts go (default <home>/pipeline_root), e.g. gs://bucket/stn
     container_image: str = "stn-pipeline:0.1.0"
     kubeflow_pipeline_root: str | None = None
 

@@ -1,12 +1,16 @@
-"""Compiles the pipeline for Kubeflow Pipelines with TFX's KubeflowV2DagRunner.
+"""Compiles the pipeline, one step per TFX component, with TFX's KubeflowV2DagRunner.
 
     compile_for_kubeflow(config.replace(container_image="REGISTRY/stn-pipeline:0.1.0"), "stn.yaml")
 
 The output is a KFP v2 package: the `PipelineSpec` as YAML, the form the kfp 2.x `Client`
-uploads. On Kubeflow every step runs in `image` and ML Metadata is Kubeflow's own, so the
-pipeline gets no metadata connection; the paths in `config` (data root, serving directory) must
-be paths every step's pod sees (the shared volume mounted at `/stn/home` in k8s/), and the
-pipeline root (where artifacts go) is written into the package as its `defaultPipelineRoot`.
+uploads. TFX documents this runner as "currently for managed pipelines": the package needs a
+backend that runs its resolver tasks (the last blessed model) and the ExampleGen driver hook
+(`lifecycle.preCacheCheck`, which resolves the span), as Vertex AI Pipelines does; the
+open-source KFP backend implements neither (`pipeline.kubeflow_watch` builds what it runs).
+Every step runs in `image` and ML Metadata is the backend's own, so the pipeline gets no
+metadata connection; the paths in `config` (data root, serving directory) must be paths every
+step sees, and the pipeline root (where artifacts go) is written into the package as its
+`defaultPipelineRoot`.
 """
 
 import os
@@ -50,15 +54,20 @@ def pipeline_spec(tfx_pipeline, image):
     return spec
 
 
+def check_package_path(output_path):
+    """Raise ValueError unless `output_path` names a package the kfp Client uploads."""
+    if not str(output_path).endswith((".yaml", ".yml")):
+        raise ValueError(
+            f"output file {output_path} must end in .yaml or .yml (the kfp Client uploads those)"
+        )
+
+
 def compile_for_kubeflow(config, output_path, image=None, pipeline_root=None):
     """Write the KFP package of `config`'s pipeline to `output_path` (.yaml/.yml); return it.
 
     `image` defaults to `config.container_image`.
     """
-    if not str(output_path).endswith((".yaml", ".yml")):
-        raise ValueError(
-            f"output file {output_path} must end in .yaml or .yml (the kfp Client uploads those)"
-        )
+    check_package_path(output_path)
     spec = pipeline_spec(kubeflow_pipeline(config, pipeline_root), image or config.container_image)
     folder = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(folder, exist_ok=True)

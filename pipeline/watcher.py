@@ -177,10 +177,9 @@ class Watcher:
         """One look at the data: run on new spans and record the run; the outcome or None."""
         request = self.pending_request()
         if request is None:
-            self.report(
-                f"no new span under {self.data_root} (trained up to span "
-                f"{self.state.last_trained_span()})"
-            )
+            last = self.state.last_trained_span()  # spans start at 1: 0 is none
+            trained = f"trained up to span {last}" if last else "no span trained yet"
+            self.report(f"no new span under {self.data_root} ({trained})")
             return None
         start = "from scratch" if request.warm_start is None else f"from {request.warm_start}"
         self.report(f"new data: training on span(s) {list(request.spans)}, {start}")

@@ -9,6 +9,7 @@ import email.parser
 import http.server
 import itertools
 import json
+import pathlib
 import socket
 import threading
 import urllib.parse
@@ -22,7 +23,7 @@ from pipeline import cli
 from pipeline.configs import load_config
 
 IMAGE = "registry.example/stn-pipeline:9.9"
-PIPELINE_ROOT = "minio://mlpipeline/stn"
+PIPELINE_ROOT = "gs://bucket/stn"
 
 
 def _parse_package(path):
@@ -34,8 +35,8 @@ def _parse_package(path):
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     path = tmp_path_factory.mktemp("kfp") / "stn.yaml"
-    argv = ["compile", "--kubeflow", str(path), "--image", IMAGE, "--pipeline-root", PIPELINE_ROOT]
-    assert cli.main(argv) == 0
+    argv = ["compile", "--kubeflow", str(path), "--target", "vertex", "--image", IMAGE]
+    assert cli.main([*argv, "--pipeline-root", PIPELINE_ROOT]) == 0
     return path
 
 
@@ -62,11 +63,154 @@ def test_compiled_package_parses_as_a_pipeline_spec_with_every_component(package
     assert spec.default_pipeline_root == PIPELINE_ROOT
 
 
+# --- --target kubeflow (the default): one step, `watch --once`, for the open-source backend ---
+
+K8S_BASE = pathlib.Path(__file__).resolve().parents[1] / "k8s" / "base"
+
+
+@pytest.fixture(scope="module")
+def watch_package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kfp") / "stn-watch.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--image", IMAGE]) == 0
+    return path
+
+
+def _watch_documents(path):
+    """(PipelineSpec, KubernetesExecutorConfig of its one executor) parsed by KFP's protos."""
+    from kfp.kubernetes import kubernetes_executor_config_pb2
+
+    spec, platforms = yaml.safe_load_all(path.read_text())
+    ((name, executor),) = platforms["platforms"]["kubernetes"]["deploymentSpec"][
+        "executors"
+    ].items()
+    assert name == "exec-retrain"
+    config = kubernetes_executor_config_pb2.KubernetesExecutorConfig()
+    return json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec()), json_format.ParseDict(
+        executor, config
+    )
+
+
+def _cronjob_container():
+    cronjob = yaml.safe_load((K8S_BASE / "retrain-cronjob.yaml").read_text())
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    return container, claims
+
+
+def test_the_kubeflow_target_is_one_uncached_step_that_runs_watch_once(watch_package):
+    spec, _ = _watch_documents(watch_package)
+    assert list(spec.root.dag.tasks) == ["retrain"]
+    task = spec.root.dag.tasks["retrain"]
+    assert not task.caching_options.enable_cache  # a cached step would never see a new span
+    container = spec.deployment_spec["executors"]["exec-retrain"]["container"]
+    assert container["image"] == IMAGE
+    assert list(container["command"]) == ["python", "-m", "pipeline.kfp_step"]
+    assert list(container["args"]) == ["{{$.inputs.parameters['config_yaml']}}"]
+    assert spec.pipeline_info.name == "stn-pipeline"
+
+
+def test_the_kubeflow_step_has_the_cronjobs_volumes_resources_and_pod_fields(watch_package):
+    spec, kubernetes = _watch_documents(watch_package)
+    container, claims = _cronjob_container()
+    mounts = {
+        m.pvc_name_parameter.runtime_value.constant.string_value: m.mount_path
+        for m in kubernetes.pvc_mount
+    }
+    cronjob_mounts = {
+        claims[m["name"]]: m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims
+    }
+    assert (
+        mounts
+        == cronjob_mounts
+        == {"stn-pipeline-root": "/stn/home", "stn-models": "/stn/home/serving"}
+    )
+    storage = {
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all((K8S_BASE / "storage.yaml").read_text())
+        if doc["kind"] == "PersistentVolumeClaim"
+    }
+    assert set(mounts) <= storage
+    fields = {env.name: env.field_path for env in kubernetes.field_path_as_env}
+    assert fields == {
+        env["name"]: env["valueFrom"]["fieldRef"]["fieldPath"] for env in container["env"]
+    }
+    resources = spec.deployment_spec["executors"]["exec-retrain"]["container"]["resources"]
+    assert resources["resourceCpuRequest"] == container["resources"]["requests"]["cpu"]
+    assert resources["resourceCpuLimit"] == container["resources"]["limits"]["cpu"]
+    assert resources["resourceMemoryRequest"] == container["resources"]["requests"]["memory"]
+    assert resources["resourceMemoryLimit"] == container["resources"]["limits"]["memory"]
+
+
+def _default_config_yaml(path):
+    spec, _ = _watch_documents(path)
+    return spec.root.input_definitions.parameters["config_yaml"].default_value.string_value
+
+
+def test_the_kubeflow_steps_config_is_the_compiled_one_and_mounts_follow_the_home(tmp_path):
+    values = yaml.safe_load((K8S_BASE / "pipeline.yaml").read_text())  # multiworker settings
+    values.update(home="/mnt/stn", epochs=3, span_window=2, beam_args=["--foo=1"])
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    carried = tmp_path / "carried.yaml"
+    carried.write_text(_default_config_yaml(path))
+    assert load_config(str(carried)) == load_config(
+        str(config_file), defaults={"home": "/stn/home"}
+    )
+    _, kubernetes = _watch_documents(path)
+    assert sorted(m.mount_path for m in kubernetes.pvc_mount) == ["/mnt/stn", "/mnt/stn/serving"]
+
+
+def test_the_kubeflow_step_polls_the_carried_configs_data_root(watch_package, tmp_path, capsys):
+    from pipeline import kfp_step
+
+    values = yaml.safe_load(_default_config_yaml(watch_package))
+    values["home"] = str(tmp_path / "home")
+    (tmp_path / "data").mkdir()
+    values["data_root"] = str(tmp_path / "data")
+    assert kfp_step.main([yaml.safe_dump(values)]) == 0
+    out = capsys.readouterr().out
+    assert f"watching {tmp_path / 'data'} for new spans (home {tmp_path / 'home'})" in out
+    assert f"no new span under {tmp_path / 'data'} (no span trained yet)" in out
+
+
+@pytest.mark.parametrize(
+    ("config_yaml", "message"),
+    [
+        ("epochs: 0\n", "config field 'epochs' must be >= 1, got 0"),
+        ("[1, 2]\n", "must hold a mapping of field names to values"),
+        ("home: /nonexistent/stn\n", "--data-root /nonexistent/stn/data does not exist"),
+    ],
+)
+def test_the_kubeflow_step_names_what_is_wrong_with_its_config(config_yaml, message, capsys):
+    from pipeline import kfp_step
+
+    assert kfp_step.main([config_yaml]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pipeline_root_is_refused_for_the_kubeflow_target(tmp_path, capsys):
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--pipeline-root", PIPELINE_ROOT]) == 2
+    assert "--pipeline-root is for --target vertex" in capsys.readouterr().err
+    assert not path.exists()
+
+
+# --- --target vertex: one step per TFX component (KubeflowV2DagRunner) ------------------------
+
+
 def test_image_and_pipeline_root_come_from_the_config_file(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text(f"container_image: {IMAGE}\nkubeflow_pipeline_root: {PIPELINE_ROOT}\n")
     path = tmp_path / "stn.yaml"
-    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    argv = ["compile", "--kubeflow", str(path), "--target", "vertex", "--config", str(config_file)]
+    assert cli.main(argv) == 0
     spec = _parse_package(path)
     assert spec.default_pipeline_root == PIPELINE_ROOT
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
@@ -107,7 +251,7 @@ def test_the_config_files_home_is_kept_and_home_overrides_it(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("home: /mnt/stn\n")
     path = tmp_path / "stn.yaml"
-    argv = ["compile", "--kubeflow", str(path), "--config", str(config_file)]
+    argv = ["compile", "--kubeflow", str(path), "--target", "vertex", "--config", str(config_file)]
     assert cli.main(argv) == 0
     assert _constant(path, "ImageExampleGen", "input_base") == "/mnt/stn/data"
     assert cli.main([*argv, "--home", "/srv/stn"]) == 0
@@ -118,7 +262,8 @@ def test_a_span_window_compiles_into_the_example_gen_without_a_resolver(tmp_path
     config_file = tmp_path / "c.yaml"
     config_file.write_text("span_window: 3\n")
     path = tmp_path / "stn.yaml"
-    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    argv = ["compile", "--kubeflow", str(path), "--target", "vertex", "--config", str(config_file)]
+    assert cli.main(argv) == 0
     tasks = json_format.MessageToDict(_parse_package(path).root)["dag"]["tasks"]
     assert sorted(task for task in tasks if "resolver" in task) == [
         "latest_blessed_model_resolver-model-blessing-resolver",
@@ -375,26 +520,13 @@ def test_second_schedule_adds_a_version_and_replaces_the_recurring_run(kfp_serve
     assert len(kfp_server.experiments) == 1
 
 
-def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, package):
-    argv = ["schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * *"]
-    assert (
-        cli.main(
-            [
-                *argv,
-                "--image",
-                IMAGE,
-                "--pipeline-root",
-                PIPELINE_ROOT,
-                "--pipeline-name",
-                "stn-nightly",
-            ]
-        )
-        == 0
-    )
+def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, watch_package):
+    argv = ["schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * *", "--image", IMAGE]
+    assert cli.main([*argv, "--pipeline-name", "stn-nightly"]) == 0
     (pipeline,) = kfp_server.pipelines.values()
     assert pipeline["display_name"] == "stn-nightly"
     (uploaded,) = kfp_server.uploads.values()
-    assert yaml.safe_load(uploaded) == yaml.safe_load(package.read_text())
+    assert list(yaml.safe_load_all(uploaded)) == list(yaml.safe_load_all(watch_package.read_text()))
 
 
 @pytest.mark.parametrize("cron", ["0 3 * *", "daily", "0 0 0 3 * * *"])

@@ -115,7 +115,11 @@ def test_an_unblessed_run_is_recorded_and_serving_keeps_the_old_version(setup):
     (outcome,) = make_watcher().watch(once=True)
     assert (outcome.blessed, outcome.pushed_to) == (False, None)
     assert os.listdir(serving) == ["1"]
-    assert make_watcher().watch(once=True) == []  # span 2 was trained on: no retry
+    lines = []
+    watch = make_watcher()
+    watch.report = lines.append
+    assert watch.watch(once=True) == []  # span 2 was trained on: no retry
+    assert lines == [f"no new span under {data} (trained up to span 2)"]
     _span(data, 3)
     make_watcher().watch(once=True)
     assert stand_in.requests[-1] == RunRequest(spans=(3,), warm_start=str(serving / "1"))

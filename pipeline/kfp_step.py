@@ -1,0 +1,38 @@
+"""The one step of the self-hosted Kubeflow package: `stn-pipeline watch --once` on its config.
+
+    python -m pipeline.kfp_step CONFIG_YAML
+
+CONFIG_YAML is the text of a config file (the package's `config_yaml` parameter, which the
+Kubeflow UI lets a run change). The step writes it to a temporary file and polls the config's
+data root once: a new span is trained on, evaluated and pushed if blessed; no new span, no run.
+The exit status is `watch`'s (0 done or nothing to do, 1 the run failed, 2 a bad config, 3
+another watcher holds the home).
+"""
+
+import os
+import sys
+import tempfile
+
+from pipeline import cli
+from pipeline.configs import load_config
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pipeline.kfp_step CONFIG_YAML", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="stn-kfp-step-") as folder:
+        path = os.path.join(folder, "pipeline.yaml")
+        with open(path, "w") as handle:
+            handle.write(argv[0])
+        try:
+            data_root = load_config(path).data_dir
+        except ValueError as error:
+            print(f"stn-pipeline kfp step: config_yaml: {error}", file=sys.stderr)
+            return 2
+        return cli.main(["watch", "--once", "--config", path, "--data-root", data_root])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
