@@ -311,30 +311,49 @@ def _check_names(values, where):
         raise ValueError(f"{where}: unknown config field(s) {unknown}; known: {sorted(known)}")
 
 
-def load_config(path=None, defaults=None, **overrides):
+def load_config(path=None, defaults=None, multiworker_updates=None, **overrides):
     """The default config with the fields of `defaults` (a mapping) in place of the built-in
-    ones, updated by the YAML file at `path` (if any), then by `overrides`."""
+    ones, updated by the YAML file at `path` (if any), then by `overrides` (None: not given)
+    and by `multiworker_updates`, which update the `multiworker` section key by key.
+
+    The result must be consistent, not the file alone: a file that sets mixed precision for
+    one worker is fine with `multiworker_updates={"num_workers": 2}`. An error names the file
+    when the file alone is wrong too.
+    """
     values = dict(defaults or {})
-    if path is not None:
+    loaded = {} if path is None else _read_config_file(path)
+    values.update(loaded)
+    given = {name: value for name, value in overrides.items() if value is not None}
+    _check_names(given, "overrides")
+    values.update(given)
+    if multiworker_updates and isinstance(values.get("multiworker", {}), dict):
+        values["multiworker"] = {**values.get("multiworker", {}), **multiworker_updates}
+    try:
+        return PipelineConfig(**values)
+    except ValueError as error:
+        if path is None:
+            raise
         try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle)
-        except OSError as error:
-            raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(f"config file {path} is not UTF-8 text: {error}") from None
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of field names to values")
-        _check_names(loaded, f"config file {path}")
-        values.update(loaded)
-        try:
-            config = PipelineConfig(**values)
-        except ValueError as error:
-            raise ValueError(f"config file {path}: {error}") from None
-    else:
-        config = PipelineConfig(**values)
-    return config.replace(**overrides)
+            PipelineConfig(**{**(defaults or {}), **loaded})
+        except ValueError as file_error:
+            raise ValueError(f"config file {path}: {file_error}") from None
+        raise error from None
+
+
+def _read_config_file(path):
+    """The mapping of field names to values in the YAML file at `path`."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not UTF-8 text: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field names to values")
+    _check_names(loaded, f"config file {path}")
+    return loaded

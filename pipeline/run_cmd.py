@@ -62,8 +62,14 @@ def add_run_arguments(parser):
 
 def config_from_args(args):
     """The `PipelineConfig` of the file in ``--config`` with the command line's overrides."""
-    config = load_config(
+    workers = {
+        "num_workers": args.workers,
+        "backend": args.backend,
+        "mixed_precision": True if args.mixed_precision else None,
+    }
+    return load_config(
         args.config,
+        multiworker_updates={name: value for name, value in workers.items() if value is not None},
         home=args.home,
         data_root=args.data_root,
         model=args.model,
@@ -76,15 +82,6 @@ def config_from_args(args):
         beam_args=tuple(args.beam_args) if args.beam_args else None,
         enable_cache=False if args.no_cache else None,
     )
-    workers = {
-        "num_workers": args.workers,
-        "backend": args.backend,
-        "mixed_precision": True if args.mixed_precision else None,
-    }
-    workers = {name: value for name, value in workers.items() if value is not None}
-    if not workers:
-        return config
-    return config.replace(multiworker={**config.multiworker, **workers})
 
 
 def ensure_data(config, report):

@@ -81,3 +81,26 @@ def test_run_and_serve_accept_the_same_model_names(tmp_path, name):
     config = load_yaml(tmp_path, f"model_name: {name}\nhome: {tmp_path}\n")
     repository = ModelRepository(os.path.join(config.home_dir, "serving"), name)
     assert repository.model_dir == config.serving_dir == str(tmp_path / "serving" / name)
+
+
+def test_the_file_and_the_command_line_are_checked_together(tmp_path, capsys):
+    from pipeline import cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text("multiworker: {mixed_precision: true}\nmodel: st_cnn_affine\n")
+    with pytest.raises(ValueError, match=rf"^config file {path}: .*mixed_precision"):
+        load_config(str(path))  # one worker: the stock Trainer has no mixed precision
+    config = load_config(str(path), multiworker_updates={"num_workers": 2})
+    assert config.multiworker == {"mixed_precision": True, "num_workers": 2}
+    # An override that makes a good file wrong is not blamed on the file.
+    path.write_text("equivariance_weight: 0.5\n")
+    with pytest.raises(ValueError, match=r"^config field 'equivariance_weight'") as error:
+        load_config(str(path), model="cnn")
+    assert str(path) not in str(error.value)
+    # The command line merges --workers into the file's section the same way.
+    path.write_text("multiworker: {mixed_precision: true, max_restarts: 0}\n")
+    home = tmp_path / "home"
+    argv = ["run", "--config", str(path), "--home", str(home), "--workers", "1"]
+    assert cli.main(argv) == 2
+    assert f"stn-pipeline run: config file {path}: " in capsys.readouterr().err
+    assert not home.exists()
