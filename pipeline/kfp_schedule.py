@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 
 PACKAGE_SUFFIXES = (".yaml", ".yml", ".zip", ".tar.gz")  # what the kfp 2.x Client uploads
 
@@ -54,10 +55,17 @@ def _version_name(package_path):
     return f"v{stamp}-{digest}"
 
 
-def upload(client, package_path, pipeline_name):
-    """(pipeline id, version id, new?): the package as a new pipeline or a new version."""
+def check_package(package_path):
+    """Raise ValueError unless `package_path` is a file the kfp Client uploads."""
     if not str(package_path).endswith(PACKAGE_SUFFIXES):
         raise ValueError(f"pipeline package {package_path} must end in one of {PACKAGE_SUFFIXES}")
+    if not os.path.isfile(package_path):
+        raise ValueError(f"pipeline package {package_path} is not a file")
+
+
+def upload(client, package_path, pipeline_name):
+    """(pipeline id, version id, new?): the package as a new pipeline or a new version."""
+    check_package(package_path)
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         pipeline = client.upload_pipeline(package_path, pipeline_name=pipeline_name)

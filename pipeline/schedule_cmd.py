@@ -45,6 +45,8 @@ def run(args):
 
     try:
         kfp_schedule.kfp_cron(args.cron)
+        if args.package:
+            kfp_schedule.check_package(args.package)
         with tempfile.TemporaryDirectory(prefix="stn-kfp-") as folder:
             if args.package:
                 package, config = args.package, load_config(args.config)
@@ -56,7 +58,7 @@ def run(args):
                 warnings.simplefilter("ignore", FutureWarning)
                 client = kfp.Client(host=args.host)
             done = kfp_schedule.schedule(client, package, name, args.cron, args.experiment)
-    except ValueError as error:  # the command's own inputs: cron, config, package name
+    except ValueError as error:  # the command's own inputs: cron, config, package
         print(f"stn-pipeline schedule: {error}", file=sys.stderr)
         return 2
     except (

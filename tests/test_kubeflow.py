@@ -536,6 +536,18 @@ def test_schedule_rejects_a_bad_cron_before_calling_kubeflow(kfp_server, package
     assert kfp_server.calls == []
 
 
+@pytest.mark.parametrize(
+    ("name", "message"), [("missing.yaml", "is not a file"), ("stn.json", "must end in one of")]
+)
+def test_schedule_rejects_a_package_it_cannot_upload_before_calling_kubeflow(
+    kfp_server, tmp_path, name, message, capsys
+):
+    (tmp_path / "stn.json").write_text("{}")
+    assert _schedule(kfp_server, tmp_path / name, "--cron", "0 3 * * *") == 2
+    assert f"pipeline package {tmp_path / name} {message}" in capsys.readouterr().err
+    assert kfp_server.calls == []
+
+
 def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     with socket.socket() as probe:  # a loopback port that nothing listens on once closed
