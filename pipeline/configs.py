@@ -318,7 +318,7 @@ def load_config(path=None, defaults=None, multiworker_updates=None, **overrides)
 
     The result must be consistent, not the file alone: a file that sets mixed precision for
     one worker is fine with `multiworker_updates={"num_workers": 2}`. An error names the file
-    when the file alone is wrong too.
+    when the file alone has the same fault.
     """
     values = dict(defaults or {})
     loaded = {} if path is None else _read_config_file(path)
@@ -331,13 +331,18 @@ def load_config(path=None, defaults=None, multiworker_updates=None, **overrides)
     try:
         return PipelineConfig(**values)
     except ValueError as error:
-        if path is None:
-            raise
-        try:
-            PipelineConfig(**{**(defaults or {}), **loaded})
-        except ValueError as file_error:
-            raise ValueError(f"config file {path}: {file_error}") from None
-        raise error from None
+        if path is not None and _fails_with(str(error), {**(defaults or {}), **loaded}):
+            raise ValueError(f"config file {path}: {error}") from None
+        raise
+
+
+def _fails_with(message, values):
+    """Whether `PipelineConfig(**values)` fails with `message`: the same fault, on its own."""
+    try:
+        PipelineConfig(**values)
+    except ValueError as error:
+        return str(error) == message
+    return False
 
 
 def _read_config_file(path):

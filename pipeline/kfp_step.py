@@ -3,10 +3,10 @@
     python -m pipeline.kfp_step CONFIG_YAML
 
 CONFIG_YAML is the text of a config file (the package's `config_yaml` parameter, which the
-Kubeflow UI lets a run change). The step writes it to a temporary file and polls the config's
-data root once: a new span is trained on, evaluated and pushed if blessed; no new span, no run.
-The exit status is `watch`'s (0 done or nothing to do, 1 the run failed, 2 a bad config, 3
-another watcher holds the home).
+Kubeflow UI lets a run change; its home defaults to /stn/home, as `compile`'s does). The step
+polls the config's data root once: a new span is trained on, evaluated and pushed if blessed;
+no new span, no run. The exit status is `watch`'s (0 done or nothing to do, 1 the run failed,
+2 a bad config, 3 another watcher holds the home).
 """
 
 import os
@@ -15,6 +15,8 @@ import tempfile
 
 from pipeline import cli
 from pipeline.configs import load_config
+from pipeline.kubeflow_runner import DEFAULT_KUBEFLOW_HOME
+from pipeline.kubeflow_watch import check_step_config, config_text
 
 
 def main(argv=None):
@@ -27,11 +29,15 @@ def main(argv=None):
         with open(path, "w") as handle:
             handle.write(argv[0])
         try:
-            data_root = load_config(path).data_dir
+            config = load_config(path, defaults={"home": DEFAULT_KUBEFLOW_HOME})
+            check_step_config(config)
         except ValueError as error:
-            print(f"stn-pipeline kfp step: config_yaml: {error}", file=sys.stderr)
+            message = str(error).replace(f"config file {path}", "config_yaml")
+            print(f"stn-pipeline kfp step: {message}", file=sys.stderr)
             return 2
-        return cli.main(["watch", "--once", "--config", path, "--data-root", data_root])
+        with open(path, "w") as handle:  # as resolved: `watch` reads no defaults of ours
+            handle.write(config_text(config))
+        return cli.main(["watch", "--once", "--config", path, "--data-root", config.data_dir])
 
 
 if __name__ == "__main__":

@@ -13,34 +13,62 @@ compiled by the kfp SDK, with kfp-kubernetes for the volumes:
 - caching off (a cached step would never see new spans);
 - the claims of k8s/base/storage.yaml mounted as in the CronJob, the home's at the config's home
   and the models' at <home>/serving, so the claims must exist in the namespace the runs use;
-- the CronJob's CPU and memory requests and limits, and the pod's namespace, name and uid as
-  STN_NAMESPACE, STN_POD_NAME and STN_POD_UID for the trainer's Kubernetes backend.
+- the CronJob's CPU and memory requests and limits and its 6-hour deadline, and the pod's
+  namespace, name and uid as STN_NAMESPACE, STN_POD_NAME and STN_POD_UID for the trainer's
+  Kubernetes backend.
+
+The config's home and data root must be absolute paths, and its pipeline name one that KFP
+keeps as it is.
 """
 
 import dataclasses
-import json
+import math
 import os
+import re
+
+import yaml
 
 from pipeline.kubeflow_runner import check_package_path
 
 HOME_CLAIM = "stn-pipeline-root"
 MODELS_CLAIM = "stn-models"
 STEP_COMMAND = ("python", "-m", "pipeline.kfp_step")
+DEADLINE_S = 6 * 3600  # k8s/base/retrain-cronjob.yaml's activeDeadlineSeconds
 POD_FIELDS = {
     "STN_NAMESPACE": "metadata.namespace",
     "STN_POD_NAME": "metadata.name",
     "STN_POD_UID": "metadata.uid",
 }
+_KFP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")  # what the kfp compiler keeps unchanged
+
+
+def check_step_config(config):
+    """Raise ValueError unless the step's pod can run `config`: a pipeline name KFP keeps as
+    it is, and a home and data root that are absolute paths (where the volumes are mounted)."""
+    if not _KFP_NAME.fullmatch(config.pipeline_name):
+        raise ValueError(
+            "config field 'pipeline_name' must be 1 to 128 lowercase letters, digits and '-', "
+            f"starting with a letter or digit, for Kubeflow; got {config.pipeline_name!r}"
+        )
+    for name in ("home", "data_root"):
+        path = getattr(config, name)
+        if path is not None and not os.path.isabs(path):
+            raise ValueError(
+                f"config field {name!r} must be an absolute path in the step's pod, where the "
+                f"volumes are mounted; got {path!r}"
+            )
 
 
 def config_text(config):
     """`config` as config-file text that `load_config` reads back to the same config.
 
-    One line of JSON (which is YAML): the kfp compiler copies defaults into a comment line of
-    the package, where a line break would end the comment.
+    One line of YAML in flow style, ASCII with escapes: the kfp compiler copies defaults into a
+    comment line of the package, where a line break would end the comment.
     """
     values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-    return json.dumps(values, sort_keys=True)
+    values["beam_args"] = list(config.beam_args)
+    text = yaml.safe_dump(values, default_flow_style=True, width=math.inf, allow_unicode=False)
+    return text.strip()
 
 
 def compile_watch_package(config, output_path, image=None):
@@ -51,6 +79,7 @@ def compile_watch_package(config, output_path, image=None):
     from kfp import compiler, dsl, kubernetes
 
     check_package_path(output_path)
+    check_step_config(config)
     image = image or config.container_image
 
     @dsl.container_component
@@ -68,6 +97,7 @@ def compile_watch_package(config, output_path, image=None):
         # k8s/base/retrain-cronjob.yaml's requests and limits
         task.set_cpu_request("2").set_cpu_limit("4")
         task.set_memory_request("6Gi").set_memory_limit("12Gi")
+        kubernetes.set_timeout(task, DEADLINE_S)
         kubernetes.mount_pvc(task, HOME_CLAIM, config.home_dir)
         kubernetes.mount_pvc(task, MODELS_CLAIM, os.path.join(config.home_dir, "serving"))
         for name, field_path in POD_FIELDS.items():

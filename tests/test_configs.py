@@ -97,6 +97,10 @@ def test_the_file_and_the_command_line_are_checked_together(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^config field 'equivariance_weight'") as error:
         load_config(str(path), model="cnn")
     assert str(path) not in str(error.value)
+    # A fault of the command line's own is named, not one the command line fixed in the file.
+    path.write_text("multiworker: {mixed_precision: true}\n")
+    with pytest.raises(ValueError, match=r"^config field 'epochs' must be >= 1, got 0$"):
+        load_config(str(path), multiworker_updates={"num_workers": 2}, epochs=0)
     # The command line merges --workers into the file's section the same way.
     path.write_text("multiworker: {mixed_precision: true, max_restarts: 0}\n")
     home = tmp_path / "home"

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipeline import cli
-from pipeline.configs import load_config
+from pipeline.configs import PipelineConfig, load_config
 
 IMAGE = "registry.example/stn-pipeline:9.9"
 PIPELINE_ROOT = "gs://bucket/stn"
@@ -135,6 +135,9 @@ def test_the_kubeflow_step_has_the_cronjobs_volumes_resources_and_pod_fields(wat
         if doc["kind"] == "PersistentVolumeClaim"
     }
     assert set(mounts) <= storage
+    cronjob = yaml.safe_load((K8S_BASE / "retrain-cronjob.yaml").read_text())
+    deadline = cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert kubernetes.active_deadline_seconds == deadline
     fields = {env.name: env.field_path for env in kubernetes.field_path_as_env}
     assert fields == {
         env["name"]: env["valueFrom"]["fieldRef"]["fieldPath"] for env in container["env"]
@@ -167,6 +170,41 @@ def test_the_kubeflow_steps_config_is_the_compiled_one_and_mounts_follow_the_hom
     assert sorted(m.mount_path for m in kubernetes.pvc_mount) == ["/mnt/stn", "/mnt/stn/serving"]
 
 
+def test_the_carried_config_survives_floats_escapes_and_characters_beyond_ascii():
+    from pipeline.kubeflow_watch import config_text
+
+    config = PipelineConfig(
+        home="/mnt/stn \U0001f600\n\u2028 'quoted' \"too\" # not a comment",
+        learning_rate=1e-5,
+        regression_tolerance=1e-6,
+        equivariance_weight=1e20,
+        beam_args=("--job_name=a b", "--x='y'"),
+    )
+    text = config_text(config)
+    assert "\n" not in text and text.isascii()
+    assert PipelineConfig(**yaml.safe_load(text)) == config
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("home: stn", "config field 'home' must be an absolute path in the step's pod"),
+        ("home: gs://bucket/stn", "config field 'home' must be an absolute path"),
+        ("data_root: data", "config field 'data_root' must be an absolute path"),
+        ("pipeline_name: STN", "config field 'pipeline_name' must be 1 to 128 lowercase"),
+        ("pipeline_name: stn_pipeline", "config field 'pipeline_name' must be 1 to 128"),
+        (f"pipeline_name: {'a' * 129}", "config field 'pipeline_name' must be 1 to 128"),
+    ],
+)
+def test_the_kubeflow_target_refuses_what_its_pod_could_not_run(tmp_path, fields, message, capsys):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(fields + "\n")
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 2
+    assert message in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_the_kubeflow_step_polls_the_carried_configs_data_root(watch_package, tmp_path, capsys):
     from pipeline import kfp_step
 
@@ -186,6 +224,9 @@ def test_the_kubeflow_step_polls_the_carried_configs_data_root(watch_package, tm
         ("epochs: 0\n", "config field 'epochs' must be >= 1, got 0"),
         ("[1, 2]\n", "must hold a mapping of field names to values"),
         ("home: /nonexistent/stn\n", "--data-root /nonexistent/stn/data does not exist"),
+        ("{}", "--data-root /stn/home/data does not exist"),  # compile's default home
+        ("home: stn\n", "config field 'home' must be an absolute path in the step's pod"),
+        ("a: [\n", "kfp step: config_yaml is not valid YAML"),  # named as the user knows it
     ],
 )
 def test_the_kubeflow_step_names_what_is_wrong_with_its_config(config_yaml, message, capsys):
