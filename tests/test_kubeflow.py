@@ -11,6 +11,8 @@ import itertools
 import json
 import pathlib
 import socket
+import subprocess
+import sys
 import threading
 import urllib.parse
 
@@ -216,6 +218,32 @@ def test_the_kubeflow_step_polls_the_carried_configs_data_root(watch_package, tm
     out = capsys.readouterr().out
     assert f"watching {tmp_path / 'data'} for new spans (home {tmp_path / 'home'})" in out
     assert f"no new span under {tmp_path / 'data'} (no span trained yet)" in out
+
+
+@pytest.mark.slow
+def test_the_kubeflow_step_run_as_its_pod_runs_it_trains_and_pushes_once(tmp_path):
+    from pipeline import spans
+    from pipeline.summary import served_versions
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(
+        f"home: {home}\ndata_root: {data}\ntrain_steps: 2\nbatch_size: 16\naccuracy_floor: 0.0\n"
+    )
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 0
+    spans.write_span(data, span=1, per_class=3, copies=1)
+    spec, _ = _watch_documents(path)
+    container = spec.deployment_spec["executors"]["exec-retrain"]["container"]
+    command = [sys.executable, *list(container["command"])[1:], _default_config_yaml(path)]
+
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "finished: blessed, pushed to" in first.stdout
+    assert len(served_versions(home / "serving" / "stn")) == 1
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"no new span under {data} (trained up to span 1)" in again.stdout
 
 
 @pytest.mark.parametrize(
