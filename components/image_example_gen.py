@@ -12,8 +12,8 @@ pattern must then hold `{SPAN}` (no `{VERSION}` or date specs); each span of the
 have files for every split, else the run fails naming the missing spans' patterns (the window
 is never shortened, and never reaches below span 0). The spans ingested are recorded on the
 artifact (`spans`, oldest first; `span` stays N), and the input fingerprint covers every span
-of the window, so a cached run re-runs when any of them changes (with the local driver; in a
-`--target vertex` package TFX's own driver fingerprints span N only).
+of the window, so a cached run re-runs when any of them changes (with the local driver; a
+`--target vertex` package, where TFX's own driver fingerprints span N only, runs it uncached).
 
 Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
 one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an
