@@ -6,6 +6,7 @@ its input its `rectify` signature must return the input unchanged.
 """
 
 import io
+import itertools
 import os
 
 import numpy as np
@@ -326,6 +327,18 @@ def test_train_steps_are_split_into_whole_epochs_of_about_a_pass(
     epochs, steps_per_epoch = trainer.split_steps(train_steps, num_train, global_batch)
     assert (epochs, steps_per_epoch) == expected
     assert train_steps <= epochs * steps_per_epoch < train_steps + epochs
+
+
+def test_the_learning_rate_warms_up_over_a_tenth_of_training_then_decays_to_5_percent():
+    schedule = trainer.learning_rate_schedule(2e-3, 100)
+    rate = [float(schedule(step)) for step in range(101)]
+    np.testing.assert_allclose(rate[:11], np.linspace(0.0, 2e-3, 11), atol=1e-9)  # linear
+    # then cosine: the peak at step 10, 5% of it at 100, halfway between them at step 55
+    np.testing.assert_allclose(rate[55], 2e-3 * (0.05 + 0.95 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(rate[100], 2e-3 * 0.05, rtol=1e-5)
+    assert all(a > b for a, b in itertools.pairwise(rate[10:]))
+    short = trainer.learning_rate_schedule(2e-3, 9)  # under 10 steps: no warm-up
+    assert float(short(0)) == pytest.approx(2e-3)
 
 
 def test_only_the_chief_exports():
