@@ -92,16 +92,17 @@ def _watch_documents(path):
     )
 
 
-def _cronjob_container():
-    cronjob = yaml.safe_load((K8S_BASE / "retrain-cronjob.yaml").read_text())
-    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+def _cronjob():
+    """(the CronJob's Job spec, its one container, its claims by volume name)."""
+    job = yaml.safe_load((K8S_BASE / "retrain-cronjob.yaml").read_text())["spec"]["jobTemplate"]
+    pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     claims = {
         v["name"]: v["persistentVolumeClaim"]["claimName"]
         for v in pod["volumes"]
         if "persistentVolumeClaim" in v
     }
-    return container, claims
+    return job["spec"], container, claims
 
 
 def test_the_kubeflow_target_is_one_uncached_step_that_runs_watch_once(watch_package):
@@ -118,7 +119,7 @@ def test_the_kubeflow_target_is_one_uncached_step_that_runs_watch_once(watch_pac
 
 def test_the_kubeflow_step_has_the_cronjobs_volumes_resources_and_pod_fields(watch_package):
     spec, kubernetes = _watch_documents(watch_package)
-    container, claims = _cronjob_container()
+    job, container, claims = _cronjob()
     mounts = {
         m.pvc_name_parameter.runtime_value.constant.string_value: m.mount_path
         for m in kubernetes.pvc_mount
@@ -137,9 +138,7 @@ def test_the_kubeflow_step_has_the_cronjobs_volumes_resources_and_pod_fields(wat
         if doc["kind"] == "PersistentVolumeClaim"
     }
     assert set(mounts) <= storage
-    cronjob = yaml.safe_load((K8S_BASE / "retrain-cronjob.yaml").read_text())
-    deadline = cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
-    assert kubernetes.active_deadline_seconds == deadline
+    assert kubernetes.active_deadline_seconds == job["activeDeadlineSeconds"]
     fields = {env.name: env.field_path for env in kubernetes.field_path_as_env}
     assert fields == {
         env["name"]: env["valueFrom"]["fieldRef"]["fieldPath"] for env in container["env"]
