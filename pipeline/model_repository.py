@@ -5,12 +5,14 @@ as TF Serving's default "latest" version policy does. A version directory is con
 once it holds `saved_model.pb`: TFX's Pusher copies that file last, and TF Serving relies on the
 same signal. A version that fails to load (a graph file still being written, a broken export)
 is logged, shown in the status, and retried once its files change, while the version already
-loaded keeps serving.
+loaded keeps serving. A served version whose directory is removed stops serving: the newest
+other version that loads takes over, or none does, as in TF Serving.
 """
 
 import dataclasses
 import logging
 import os
+import re
 import threading
 
 import tensorflow as tf
@@ -23,6 +25,7 @@ SAVED_MODEL_FILE = "saved_model.pb"
 SERVING_SIGNATURE = "serving_default"
 IMAGES_INPUT = "images"
 REQUIRED_OUTPUTS = ("probabilities", "classes")
+_VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits only, as TF Serving reads version names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +66,8 @@ def list_versions(model_dir):
     return {
         int(name): os.path.join(model_dir, name)
         for name in names
-        if name.isdigit() and os.path.isfile(os.path.join(model_dir, name, SAVED_MODEL_FILE))
+        if _VERSION_NAME.fullmatch(name)
+        and os.path.isfile(os.path.join(model_dir, name, SAVED_MODEL_FILE))
     }
 
 
@@ -129,6 +133,8 @@ class ModelRepository:
                     break
                 if self._try_load(version, versions[version]):
                     break
+            else:  # no newer version loaded, and the served one (if any) was removed
+                self._unload_removed()
             kept = set(versions) | ({self._served.version} if self._served else set())
             self._statuses = {v: s for v, s in self._statuses.items() if v in kept}
             self._failed = {v: f for v, f in self._failed.items() if v in versions}
@@ -138,8 +144,19 @@ class ModelRepository:
         while not stop.wait(interval_seconds):
             try:
                 self.poll()
-            except OSError as error:  # the directory may be unreadable for a while
-                log.error("model %s: cannot scan %s: %s", self.model_name, self.model_dir, error)
+            except Exception:  # an unreadable directory, a bug: log it, keep polling
+                log.exception("model %s: cannot scan %s", self.model_name, self.model_dir)
+
+    def _unload_removed(self):
+        if self._served is None:
+            return
+        log.warning(
+            "model %s: version %d was removed from %s and no other version loads; serving none",
+            self.model_name,
+            self._served.version,
+            self.model_dir,
+        )
+        self._served = None
 
     def _try_load(self, version, path):
         try:

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _MODEL_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<verb>:[a-z]+)?$"
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,19}))?(?P<verb>:[a-z]+)?$"
 )
+_BYTE_COUNT = re.compile(r"[0-9]{1,19}")
 _METHOD_OF_VERB = {None: "GET", ":predict": "POST"}  # the one method each endpoint answers
 
 
@@ -180,27 +181,41 @@ class _Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, self.server.endpoints.predict(name, version, body)
 
     def _read_body(self):
-        """The request body of any method: b"" without one; POST needs a Content-Length."""
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if self.command != "POST" and "Transfer-Encoding" not in self.headers:
-                return b""
+        """The request body of any method: b"" without one; POST needs a Content-Length.
+
+        A body that cannot be read exactly (no length or a bad one, chunked, too large, cut
+        short or late) is refused and the connection closed: where the next request starts is
+        not known.
+        """
+        lengths = set(self.headers.get_all("Content-Length", []))
+        if not lengths and self.command != "POST" and "Transfer-Encoding" not in self.headers:
+            return b""
+        try:
+            return self._read_exactly(lengths)
+        except RequestError:
             self.close_connection = True
-            raise RequestError("a Content-Length header is required", 411)
-        if not length.isdigit():
-            self.close_connection = True
+            raise
+
+    def _read_exactly(self, lengths):
+        if "Transfer-Encoding" in self.headers or not lengths:
+            raise RequestError("a Content-Length (and no Transfer-Encoding) is required", 411)
+        if len(lengths) > 1:
+            raise RequestError(f"conflicting Content-Length headers: {sorted(lengths)}")
+        (length,) = lengths
+        if not _BYTE_COUNT.fullmatch(length):
             raise RequestError(f"Content-Length must be a byte count, got {length!r}")
         limit = self.server.max_request_bytes
-        if int(length) > limit:
-            self.close_connection = True  # the body stays unread
+        if int(length) > limit:  # the body stays unread
             raise RequestError(f"request body of {length} bytes exceeds the limit of {limit}", 413)
         try:
-            return self.rfile.read(int(length))
+            body = self.rfile.read(int(length))
         except TimeoutError:
-            self.close_connection = True
             raise RequestError(
                 f"the request body did not arrive within {self.timeout} s", 408
             ) from None
+        if len(body) < int(length):
+            raise RequestError(f"the request body ended after {len(body)} of {length} bytes")
+        return body
 
 
 class ModelServer(ThreadingHTTPServer):

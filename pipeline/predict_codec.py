@@ -37,7 +37,7 @@ def parse_predict_request(body, input_names_of):
     """
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, too deep, too long
         raise RequestError(f"request body is not valid JSON: {error}") from None
     if not isinstance(request, dict):
         raise RequestError("request body must be a JSON object")

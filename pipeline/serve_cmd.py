@@ -103,6 +103,6 @@ def run(args):
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.stop()
     log.info("stopped")
     return 0

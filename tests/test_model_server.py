@@ -341,6 +341,59 @@ def test_a_chunked_body_without_length_is_refused_and_the_connection_closed(serv
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"411"]
 
 
+PREDICT_HEAD = b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\n"
+NEXT_REQUEST = b"GET /v1/models/stn/versions/999 HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "code", "words"),
+    [
+        (b"Content-Length: \xb2\r\n", b"{}", 400, "byte count"),
+        (b"Content-Length: " + b"9" * 30 + b"\r\n", b"{}", 400, "byte count"),
+        (b"Content-Length: 2\r\nContent-Length: 99\r\n", b"{}", 400, "conflicting"),
+        (
+            b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+            b"2\r\n{}\r\n0\r\n\r\n",
+            411,
+            "Content-Length",
+        ),
+    ],
+    ids=["non-ASCII digit", "30 digits", "two lengths", "chunked and a length"],
+)
+def test_a_body_of_unknown_length_is_refused_and_nothing_after_it_is_run(
+    served_first, headers, body, code, words
+):
+    answer = raw_exchange(served_first, PREDICT_HEAD + headers + b"\r\n" + body + NEXT_REQUEST)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [str(code).encode()]
+    assert words in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+
+
+def test_a_body_cut_short_is_refused(served_first, pngs):
+    body = json.dumps({"instances": [b64(pngs[0])]}).encode()
+    host, port = served_first.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(PREDICT_HEAD + f"Content-Length: {len(body) + 500}\r\n\r\n".encode())
+        connection.sendall(body)
+        connection.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: connection.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert f"ended after {len(body)} of {len(body) + 500} bytes".encode() in answer
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "code"),
+    [
+        (":predict", b'{"instances": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400),
+        (":predict", b'{"instances": [' + b"7" * 5000 + b"]}", 400),
+        ("/versions/" + "9" * 5000, None, 404),
+    ],
+    ids=["nested too deep", "a 5,000-digit number", "a 5,000-digit version"],
+)
+def test_absurd_requests_are_the_clients_error_not_the_servers(served_first, path, raw, code):
+    status, body = call(f"{served_first.url}/v1/models/stn{path}", raw=raw)
+    assert status == code, body
+
+
 @pytest.mark.parametrize(
     ("method", "suffix", "allowed"),
     [
@@ -476,6 +529,8 @@ def test_half_written_and_foreign_directories_are_not_loaded(tmp_path, models):
     os.remove(model_dir / "5" / "saved_model.pb")  # being copied: the graph has not landed yet
     shutil.copytree(models["second"][0], model_dir / "latest")  # not a version number
     shutil.copytree(models["second"][0], model_dir / ".incoming-6")  # a push in progress
+    for name in ("²", "٣"):  # digits to str.isdigit, but no ASCII version number
+        shutil.copytree(models["second"][0], model_dir / name)
     assert list(list_versions(str(model_dir))) == [1]
     repository = ModelRepository(str(tmp_path), "stn")
     repository.poll()
@@ -539,6 +594,44 @@ def test_removing_the_served_version_falls_back_to_the_next_one(tmp_path, models
     repository.poll()
     assert repository.served().version == 1
     assert [(s.version, s.state) for s in repository.statuses()] == [(1, "AVAILABLE")]
+
+
+def test_removing_the_last_version_stops_serving_it_and_a_new_push_under_its_number_loads(
+    tmp_path, models, pixels, pngs
+):
+    model_dir = tmp_path / "stn"
+    model_dir.mkdir()
+    push(str(model_dir), 1, models["first"][0])
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    shutil.rmtree(model_dir / "1")
+    repository.poll()
+    assert repository.served() is None and repository.statuses() == []
+    push(str(model_dir), 1, models["second"][0])
+    repository.poll()
+    outputs = repository.served().signatures["serving_default"](images=tf.constant(pngs))
+    probabilities, _ = expected(pixels, models["second"])
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), probabilities, atol=1e-5)
+
+
+def test_the_poller_survives_a_failing_scan(tmp_path, models, monkeypatch, caplog):
+    repository = ModelRepository(str(tmp_path), "stn")
+    scans = []
+
+    def scan(model_dir):
+        scans.append(model_dir)
+        if len(scans) == 1:
+            raise RuntimeError("a scan that fails")
+        return {}
+
+    monkeypatch.setattr("pipeline.model_repository.list_versions", scan)
+    stop = threading.Event()
+    thread = threading.Thread(target=repository.poll_forever, args=(0.01, stop))
+    thread.start()
+    wait_until(lambda: len(scans) >= 3, "two more scans after the failing one")
+    stop.set()
+    thread.join()
+    assert "a scan that fails" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "stn:predict", ".."])
@@ -613,6 +706,7 @@ def test_serve_command_serves_the_pushed_version_and_stops_on_sigterm(tmp_path, 
             os.kill(os.getpid(), signal.SIGTERM)
 
     previous_handler = signal.getsignal(signal.SIGTERM)
+    threads_before = set(threading.enumerate())
     thread = threading.Thread(target=client)
     thread.start()
     try:
@@ -623,6 +717,8 @@ def test_serve_command_serves_the_pushed_version_and_stops_on_sigterm(tmp_path, 
         signal.signal(signal.SIGTERM, previous_handler)
         thread.join()
     assert "model stn: serving version 4" in caplog.text
+    pollers = [t for t in set(threading.enumerate()) - threads_before if "poll_forever" in t.name]
+    assert not pollers
     status, body = answers[0]
     assert status == 200 and body["model_version_status"][0]["version"] == "4"
 
