@@ -63,12 +63,17 @@ def projective_grid(theta, output_size, align_corners=False):
     """Sampling grid for homographies theta [B, 3, 3] (or [B, 8]; the ninth entry is 1).
 
     The output pixel (x, y) samples the input at (u / w, v / w) with (u, v, w) = theta (x, y, 1).
+    Where w is 0 the point is +-inf, outside the image, and passes no gradient to theta.
     """
     theta = _parameters(theta, "theta", [(3, 3), (8,)])
     if theta.shape.rank == 2:
         theta = tf.concat([theta, tf.ones_like(theta[:, :1])], axis=-1)
     uvw = _apply_matrices(tf.reshape(theta, [-1, 3, 3]), output_size, align_corners)
-    return uvw[..., :2] / uvw[..., 2:]
+    uv, w = uvw[..., :2], uvw[..., 2:]
+    at_infinity = tf.broadcast_to(tf.equal(w, 0.0), tf.shape(uv))
+    # Both branches of a tf.where get gradients: the divisor of the other one must not be 0.
+    finite = uv / tf.where(tf.equal(w, 0.0), tf.ones_like(w), w)
+    return tf.where(at_infinity, tf.stop_gradient(uv / w), finite)
 
 
 def similarity_matrices(theta):

@@ -155,9 +155,11 @@ class SpatialTransformer(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if not isinstance(localization_net, keras.layers.Layer):
+            kind = type(localization_net)
+            keras_3 = kind.__module__.split(".")[0] == "keras"
             raise ValueError(
-                "localization_net must be a Keras layer or model mapping images to features, "
-                f"got {type(localization_net).__name__}"
+                "localization_net must be a tf_keras (Keras 2) layer or model mapping images to "
+                f"features, got {'a Keras 3 ' if keras_3 else ''}{kind.__name__}"
             )
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
@@ -192,6 +194,8 @@ class SpatialTransformer(keras.layers.Layer):
                 f"iterations > 1 needs inputs of a fixed height and width, got {input_shape}"
             )
         self.input_size = (height, width)
+        if self.iterations > 1:  # the later passes warp to this size
+            self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width})
         super().build(input_shape)
 
     def transform_parameters(self, images, training=None, head=None):

@@ -60,6 +60,29 @@ def test_projective_grid_divides_by_the_third_coordinate(align_corners):
     np.testing.assert_allclose(projective_grid(eight, (4, 6), align_corners), expected, atol=1e-14)
 
 
+def test_projective_points_at_infinity_pass_no_nan_gradient():
+    # w = 4x + 1 is 0 at x = -0.25, one column of a 4 x 4 grid: those points lie outside the
+    # image, so the loss near theta is smooth and central differences give its gradient.
+    from stn_model import bilinear_sample
+
+    images = tf.constant(np.random.default_rng(0).random((1, 4, 4, 1)))
+    theta = np.array([[1.0, 0, 0, 0, 1, 0, 4, 0]])
+
+    def loss(theta):
+        return tf.reduce_sum(bilinear_sample(images, projective_grid(theta, (4, 4))))
+
+    assert np.isinf(projective_grid(theta, (4, 4)).numpy()).sum() == 8
+    theta_t = tf.constant(theta)
+    with tf.GradientTape() as tape:
+        tape.watch(theta_t)
+        value = loss(theta_t)
+    gradient = tape.gradient(value, theta_t).numpy()
+    eps = 1e-7
+    steps = np.eye(8)[:, None, :] * eps
+    expected = [(loss(theta + step) - loss(theta - step)) / (2 * eps) for step in steps]
+    np.testing.assert_allclose(gradient[0], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_similarity_grid_turns_scales_and_shifts(align_corners):
     # (a, b) = s (cos r, sin r): each output point p samples s R(r) p + t.

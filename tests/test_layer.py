@@ -298,6 +298,21 @@ def test_iterations_need_a_fixed_input_size():
         layer(keras.Input((None, None, 1)))
 
 
+def test_iterations_keep_the_input_size_they_were_built_for():
+    # The later passes warp to the built size: another size must be refused, not half-used.
+    layer = SpatialTransformer(small_localization(), (4, 4), iterations=2)
+    layer(images(height=12, width=10))
+    with pytest.raises(ValueError, match="expected axis 1 of input shape to have value 12"):
+        layer(images(height=24, width=20))
+
+
+def test_a_keras_3_localization_net_is_named_as_such():
+    keras_3 = pytest.importorskip("keras")
+    net = keras_3.Sequential([keras_3.layers.Flatten()])
+    with pytest.raises(ValueError, match=r"tf_keras .* got a Keras 3 Sequential"):
+        SpatialTransformer(net, (4, 4))
+
+
 @pytest.fixture
 def mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -331,7 +346,7 @@ def test_mixed_precision_computes_the_transform_in_float32(mixed_precision):
         ({"output_size": "big"}, "output_size must be"),
         ({"padding_mode": "reflect"}, "padding_mode must be one of"),
         ({"transform": "tps", "tps_grid_size": 1}, "tps_grid_size must be"),
-        ({"localization_net": np.zeros(3)}, "localization_net must be a Keras layer"),
+        ({"localization_net": np.zeros(3)}, "must be a tf_keras .* got ndarray"),
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"iterations": True}, "iterations must be an integer >= 1"),
         ({"align_corners": "False"}, "align_corners must be True or False, got 'False'"),

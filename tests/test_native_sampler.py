@@ -94,6 +94,38 @@ def test_native_gradients_match_central_differences(padding_mode, align_corners)
 
 
 @needs_native
+@pytest.mark.parametrize(("padding_mode", "align_corners"), MODES)
+def test_native_second_order_and_forward_mode_derivatives(padding_mode, align_corners):
+    # A gradient penalty differentiates the backward op: against central differences of it.
+    rng = np.random.default_rng(12)
+    images = tf.constant(rng.normal(size=(2, 4, 5, 2)))
+    grid = tf.constant(rng.uniform(-1.4, 1.4, size=(2, 3, 4, 2)))
+    weights = tf.constant(rng.normal(size=(2, 3, 4, 2)))
+    args = (padding_mode, align_corners)
+
+    def penalty(images, grid):
+        _, images_grad, grid_grad = gradients(native_sample, images, grid, weights, *args)
+        return tf.reduce_sum(tf.sin(images_grad)) + tf.reduce_sum(tf.sin(grid_grad))
+
+    with tf.GradientTape() as tape:
+        tape.watch([images, grid])
+        value = penalty(images, grid)
+    derivatives = tape.gradient(value, [images, grid])
+    eps = 1e-6
+    for _ in range(3):
+        steps = [rng.normal(size=images.shape), rng.normal(size=grid.shape)]
+        ahead = penalty(images + eps * steps[0], grid + eps * steps[1])
+        behind = penalty(images - eps * steps[0], grid - eps * steps[1])
+        along = sum(np.sum(d * step) for d, step in zip(derivatives, steps, strict=True))
+        np.testing.assert_allclose(along, (ahead - behind) / (2 * eps), rtol=1e-6, atol=1e-8)
+    with tf.autodiff.ForwardAccumulator(grid, tf.ones_like(grid)) as accumulator:
+        output = native_sample(images, grid, *args)
+    with tf.autodiff.ForwardAccumulator(grid, tf.ones_like(grid)) as reference:
+        pure = _pure_sample(images, grid, *args)
+    np.testing.assert_allclose(accumulator.jvp(output), reference.jvp(pure), atol=1e-12)
+
+
+@needs_native
 @pytest.mark.parametrize(
     ("dtype", "tolerance"),
     [(tf.float16, 1e-3), (tf.bfloat16, 1e-2), (tf.float32, 1e-6), (tf.float64, 1e-12)],

@@ -1,4 +1,7 @@
-"""The native CPU sampler (bilinear_sampler.cc), loaded lazily; its gradient is registered here.
+"""The native CPU sampler (bilinear_sampler.cc), loaded lazily; its gradients are registered here.
+
+The backward op's own gradient (for second-order and forward-mode derivatives) is that of the
+pure-TF path's backward pass, which computes the same values.
 
 `load()` returns the op library, or None when `STN_NATIVE_SAMPLER=0` is set or the library is
 not built or fails to load; in the last two cases it logs one warning naming the build command.
@@ -59,3 +62,22 @@ def _sample_gradient(op, upstream):
         padding_mode=op.get_attr("padding_mode"),
         align_corners=op.get_attr("align_corners"),
     )
+
+
+@tf.RegisterGradient("StnBilinearSampleGrad")
+def _sample_grad_gradient(op, *upstream):
+    """The derivatives of the pure-TF backward pass, which the native one equals."""
+    from stn_model.sampling import _pure_sample
+
+    images, grid, output_grad = op.inputs
+    with tf.GradientTape() as outer:
+        outer.watch(op.inputs)
+        with tf.GradientTape() as inner:
+            inner.watch([images, grid])
+            padding_mode = tf.compat.as_str(op.get_attr("padding_mode"))
+            output = _pure_sample(images, grid, padding_mode, op.get_attr("align_corners"))
+        first = inner.gradient(output, [images, grid], output_gradients=output_grad)
+        total = tf.add_n(
+            [tf.reduce_sum(f * u) for f, u in zip(first, upstream, strict=True) if u is not None]
+        )
+    return outer.gradient(total, list(op.inputs))
