@@ -108,14 +108,15 @@ class _Worker:
                 tail.append(line)
         pipe.close()
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    def stop_by(self, deadline: float) -> None:
+        """Wait until `deadline` (time.monotonic) for the process to end, then kill it; wait for
+        its output to be copied."""
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("[launcher] worker-%d ignored SIGTERM; killing it", self.index)
+            self.process.kill()
+            self.process.wait()
         for reader in self._readers:
             reader.join()
 
@@ -156,8 +157,18 @@ def run_group(spec_path: str, num_workers: int, worker_module: str = WORKER_MODU
                 return None
             time.sleep(_POLL_S)
     finally:
-        for worker in workers:
-            worker.stop()
+        _stop(workers)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """SIGTERM every running worker at once, then give them `_STOP_GRACE_S` together (TF workers
+    may ignore SIGTERM, or hang in a collective that waits for a dead peer) before SIGKILL."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.terminate()
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for worker in workers:
+        worker.stop_by(deadline)
 
 
 def run_local(spec_path: str, num_workers: int, max_restarts: int, backup_dir: str) -> None:

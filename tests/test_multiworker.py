@@ -26,7 +26,7 @@ from tfx.proto import trainer_pb2
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import json_utils, proto_utils
 
-from components import k8s_backend
+from components import k8s_backend, worker_launcher
 from components.input_shards import worker_records
 from components.k8s_backend import build_job, build_service, run_on_kubernetes
 from components.multiworker_config import CONFIG_KEY, KubernetesConfig, MultiWorkerConfig
@@ -221,6 +221,42 @@ def test_failed_workers_are_reported_with_their_stderr_and_restarted(tmp_path, l
         "restarting all 2 workers (restart 1 of 1); resuming from step 0" in line
         for line in launcher_log
     )
+
+
+STUBBORN_WORKER = """
+import os, signal, sys, time
+index = int(sys.argv[sys.argv.index("--index") + 1])
+if index == 0:  # fails once the others are ready: the failure that stops the group
+    while len([n for n in os.listdir(".") if n.startswith("ready-")]) < 2:
+        time.sleep(0.05)
+    sys.exit(1)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as TF's preemption notifier, or a hung collective
+open(f"ready-{index}", "w").close()
+time.sleep(600)
+"""
+
+
+def test_workers_that_ignore_sigterm_are_stopped_together(tmp_path, monkeypatch, launcher_log):
+    (tmp_path / "stubborn_worker.py").write_text(STUBBORN_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO)]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(worker_launcher, "_STOP_GRACE_S", 2)
+    signals = []
+    for name in ("terminate", "kill"):
+        original = getattr(subprocess.Popen, name)
+
+        def record(process, name=name, original=original):
+            signals.append((name, process.pid))
+            original(process)
+
+        monkeypatch.setattr(subprocess.Popen, name, record)
+    failure = worker_launcher.run_group("spec.json", 3, worker_module="stubborn_worker")
+    assert failure.startswith("worker-0 exited with code 1")
+    pids = [int(line.rsplit("pid ", 1)[1]) for line in launcher_log if "started worker-" in line]
+    # Not one at a time (SIGTERM, grace, SIGKILL per worker): all signalled, then one grace.
+    terms, kills = [("terminate", pid) for pid in pids[1:]], [("kill", pid) for pid in pids[1:]]
+    assert signals == terms + kills
+    assert sum("ignored SIGTERM; killing it" in line for line in launcher_log) == 2
 
 
 STAND_IN_WORKER = """
