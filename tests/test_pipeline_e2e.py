@@ -17,6 +17,7 @@ import pytest
 
 from pipeline import spans, summary
 from pipeline.configs import load_config
+from pipeline.pipeline import eval_config
 
 FLOOR = 0.15  # chance is 0.10; with 600 eval images its standard deviation is 0.012
 CONFIG = f"""
@@ -261,6 +262,35 @@ def test_mixed_precision_with_the_stock_trainer_is_refused_not_ignored(tmp_path,
     assert cli.main(argv) == 2
     assert "stn-pipeline run: config field 'multiworker'" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()  # refused before the default data set is made
+
+
+@pytest.mark.parametrize(
+    ("correct", "baseline_correct", "blessed"),
+    [(900, None, True), (899, None, False), (960, 970, True), (959, 970, False)],
+    ids=["at the floor", "below it", "at the tolerance", "beyond it"],
+)
+def test_blessing_bounds_are_inclusive_in_tfmas_float32(correct, baseline_correct, blessed):
+    # The Evaluator's validation, fed TFMA's float32 accuracies of 1,000 examples (floor 0.9,
+    # tolerance 0.01): the bounds are the config's, not a float32 rounding below them.
+    import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.evaluators import metrics_validator
+    from tensorflow_model_analysis.utils import config_util
+
+    has_baseline = baseline_correct is not None
+    name = "candidate" if has_baseline else ""  # a single model has no name in TFMA's keys
+    config = eval_config(load_config(None, {}))
+    config.model_specs[0].name = name
+    accuracy = np.float32(correct / 1000)
+    key = tfma.metrics.MetricKey(name="sparse_categorical_accuracy", model_name=name)
+    metrics = {key: float(accuracy)}
+    if has_baseline:
+        config.model_specs.append(tfma.ModelSpec(name="baseline", is_baseline=True))
+        diff = tfma.metrics.MetricKey(key.name, model_name=name, is_diff=True)
+        metrics[diff] = float(accuracy - np.float32(baseline_correct / 1000))
+    config = config_util.update_eval_config_with_defaults(
+        config, has_baseline=has_baseline, rubber_stamp=not has_baseline
+    )
+    assert metrics_validator.validate_metrics(((), metrics), config).validation_ok == blessed
 
 
 def test_uris_with_a_scheme_stay_as_they_are():
