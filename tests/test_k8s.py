@@ -192,6 +192,7 @@ def test_each_overlay_deploys_the_whole_application(overlay):
         ("ServiceAccount", "stn-model-server"),
         ("Role", "stn-trainer"),
         ("RoleBinding", "stn-trainer"),
+        ("NetworkPolicy", "stn-workers"),
         ("Deployment", "stn-model-server"),
         ("Service", "stn-model-server"),
         ("PodDisruptionBudget", "stn-model-server"),
@@ -549,6 +550,40 @@ def test_the_retraining_pod_owns_its_workers(overlay):
         {"apiVersion": "v1", "kind": "Pod", "name": RETRAIN_POD_NAME, "uid": RETRAIN_POD_UID}
     ]
     assert job["metadata"]["namespace"] == service["metadata"]["namespace"] == NAMESPACE
+
+
+def selects(selector, labels):
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects `labels`."""
+    tests = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(
+        tests[e["operator"]](e["key"], e.get("values", []))
+        for e in selector.get("matchExpressions", [])
+    )
+
+
+def test_only_training_workers_reach_training_workers(overlay):
+    docs = render(overlay)
+    policy = only(docs, "NetworkPolicy")["spec"]
+    job, _ = worker_objects(docs)
+    worker_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["podSelector"], worker_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert "ports" not in rule and [list(peer) for peer in rule["from"]] == [["podSelector"]]
+    assert selects(rule["from"][0]["podSelector"], worker_labels)
+    # The model server's and the retraining job's pods: neither selected nor let in.
+    templates = [
+        only(docs, "Deployment")["spec"]["template"],
+        only(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"],
+    ]
+    for labels in (template["metadata"].get("labels", {}) for template in templates):
+        assert not selects(policy["podSelector"], labels)
+        assert not selects(rule["from"][0]["podSelector"], labels)
 
 
 def test_training_ends_before_the_retraining_deadline(overlay):
