@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import os
+import posixpath
 import re
 
 from tfx.dsl.io import fileio
@@ -21,6 +22,7 @@ MANIFEST = "manifest.csv"
 UNKNOWN_VARIANT = "unknown"
 NO_DISTORTION = "{}"
 _CLASS_FOLDER = re.compile(r"[0-9]+")
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,40 +88,75 @@ class _CsvTables:
     """The nearest CSV of a given name above a file, read once per folder."""
 
     def __init__(self, input_base):
-        self._root = os.path.normpath(input_base)
+        self._root = input_base
         self._tables = {}
 
     def row(self, path, name, columns):
         """The row for `path` in the nearest `name` above it (dict), or None."""
-        folder = os.path.dirname(os.path.normpath(path))
-        while True:
+        relative = relative_path(path, self._root)
+        for folder in _folders_above(relative):
             table = self._table(folder, name, columns)
             if table is not None:
-                return table.get(os.path.normpath(path))
-            if folder == self._root or not folder.startswith(self._root + os.sep):
-                return None
-            folder = os.path.dirname(folder)
+                return table.get(relative)
+        return None
 
     def _table(self, folder, name, columns):
         key = (folder, name)
         if key not in self._tables:
-            csv_path = os.path.join(folder, name)
-            self._tables[key] = _read_table(csv_path, columns) if fileio.exists(csv_path) else None
+            csv_path = os.path.join(self._root, folder, name)
+            exists = fileio.exists(csv_path)
+            self._tables[key] = _read_table(csv_path, folder, columns) if exists else None
         return self._tables[key]
 
 
-def _read_table(csv_path, columns):
-    """{normalized file path: row} of the CSV at `csv_path`, whose rows must fill `columns`."""
+def relative_path(path, input_base):
+    """`path` relative to `input_base` (normalized, '/'-separated), or None if not below it.
+
+    Either may be a URI (`gs://bucket/data`); only the part after the scheme is normalized.
+    """
+    scheme, rest = _split_uri(path)
+    base_scheme, base_rest = _split_uri(input_base)
+    if scheme != base_scheme:
+        return None
+    if scheme:  # rooted, so relpath never consults the working directory
+        relative = posixpath.relpath(posixpath.join("/", rest), posixpath.join("/", base_rest))
+    else:
+        relative = os.path.relpath(path, input_base)
+    return None if relative == os.pardir or relative.startswith(os.pardir + "/") else relative
+
+
+def _split_uri(path):
+    """('gs://', 'bucket/x') for 'gs://bucket/x'; ('', path) for a local path."""
+    match = _URI.match(path)
+    return (match[1], match[2]) if match else ("", path)
+
+
+def _folders_above(relative):
+    """The folders of relative path `relative` from its own up to the input base ('')."""
+    if relative is None:
+        return
+    folder = posixpath.dirname(relative)
+    while folder:
+        yield folder
+        folder = posixpath.dirname(folder)
+    yield ""
+
+
+def _read_table(csv_path, folder, columns):
+    """{file path relative to the input base: row} of the CSV at `csv_path` in `folder`.
+
+    Its rows must fill `columns`; raises ValueError naming the CSV and the line.
+    """
     with fileio.open(csv_path, "r") as handle:
-        reader = csv.DictReader(io.StringIO(handle.read()))
-        missing = [column for column in columns if column not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; it has {reader.fieldnames}")
-        folder = os.path.dirname(csv_path)
-        table = {}
-        for row in reader:
-            for column in columns:
-                if not row[column]:  # None: the row is too short; '': the field is empty
-                    raise ValueError(f"{csv_path}, line {reader.line_num}: no {column!r} value")
-            table[os.path.normpath(os.path.join(folder, row["file"]))] = row
-        return table
+        text = handle.read()
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [column for column in columns if column not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {missing}; it has {reader.fieldnames}")
+    table = {}
+    for row in reader:
+        for column in columns:
+            if not row[column]:  # None: the row is too short; '': the field is empty
+                raise ValueError(f"{csv_path}, line {reader.line_num}: no {column!r} value")
+        table[posixpath.normpath(posixpath.join(folder, row["file"]))] = row
+    return table

@@ -237,6 +237,39 @@ def test_list_split_reads_labels_from_a_labels_file(tmp_path):
     assert "is not listed in any labels.csv" in by_name["c.png"].problem
 
 
+@pytest.mark.parametrize("input_base", [".", "./", "span-1/..", "{root}"])
+def test_list_split_finds_the_manifest_from_a_relative_data_root(tmp_path, monkeypatch, input_base):
+    write_test_span(tmp_path, labels={"train": [7], "eval": []})
+    monkeypatch.chdir(tmp_path)
+    [image], _ = image_listing.list_split(input_base.format(root=tmp_path), "span-1/train/*/*")
+    assert (image.label, image.variant, json.loads(image.distortion)) == (
+        7,
+        "rts",
+        {"angle_deg": 0.0, "dx": 0},
+    )
+
+
+def test_list_split_reads_the_csvs_of_a_uri_data_root(tmp_path):
+    # TensorFlow's in-memory ram:// filesystem stands in for gs:// and s3://.
+    root = f"ram://{tmp_path.name}/data"
+    tf.io.gfile.makedirs(f"{root}/span-1/train/3")
+    files = {
+        "span-1/train/3/a.png": png_bytes(digit_array(0)),
+        "span-1/manifest.csv": b'file,variant,params\ntrain/3/a.png,rts,"{""dx"": 2}"\n',
+        "span-1/train/labels.csv": b"file,label\n3/a.png,5\n",
+    }
+    for name, data in files.items():
+        with tf.io.gfile.GFile(f"{root}/{name}", "wb") as handle:
+            handle.write(data)
+    for input_base in (root, f"{root}/"):
+        [image], _ = image_listing.list_split(input_base, "span-1/train/*/*")
+        assert image == image_listing.ImageSource(
+            f"{root}/span-1/train/3/a.png", 3, "rts", '{"dx": 2}'
+        )
+    [labelled], _ = image_listing.list_split(root, "span-1/train/*/*", labels_file="labels.csv")
+    assert (labelled.label, labelled.variant) == (5, "rts")
+
+
 def test_list_split_of_an_empty_pattern_is_an_error(tmp_path):
     (tmp_path / "span-1" / "train").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"span-1/train/\*/\*' matches no files"):
