@@ -1,7 +1,7 @@
 """ImageExampleGen: folders of labelled PNG/JPEG images and TFRecords of tf.Examples -> Examples.
 
 A file-based TFX ExampleGen (FileBasedExampleGen's spec, driver and split handling, so
-`span-{SPAN}` patterns, RangeConfig and input fingerprints work as in any TFX ExampleGen)
+`span-{SPAN}` patterns and RangeConfig work as in any TFX ExampleGen)
 with an executor that writes, for every image, a tf.Example with the data contract's features:
 `image` (the encoded file, unchanged), `label` (int64), `variant` and `distortion` (bytes).
 
@@ -11,9 +11,15 @@ statistics, the schema check and the gate downstream cover everything trained on
 pattern must then hold `{SPAN}` (no `{VERSION}` or date specs); each span of the window must
 have files for every split, else the run fails naming the missing spans' patterns (the window
 is never shortened, and never reaches below span 0). The spans ingested are recorded on the
-artifact (`spans`, oldest first; `span` stays N), and the input fingerprint covers every span
-of the window, so a cached run re-runs when any of them changes (with the local driver; a
-`--target vertex` package, where TFX's own driver fingerprints span N only, runs it uncached).
+artifact (`spans`, oldest first; `span` stays N).
+
+Input fingerprint: the driver's own, for every window size. It covers the relative path, size
+and mtime (ns) of every file of every span of the window and of the manifests and labels files
+above them, so a cached run re-runs when an image is added, edited or moved to another label
+folder, or a manifest is edited. This holds with the local driver; a `--target vertex`
+package runs TFX's own driver, which fingerprints span N only, by file count, total size and
+whole-second mtimes: it runs a window's ingest uncached, a one-span ingest with that weaker
+fingerprint.
 
 Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
 one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an
@@ -23,6 +29,7 @@ not a valid example. Skipped inputs are logged and recorded on the output artifa
 (`skipped_file_count`, `skipped_files`: one line per bad input).
 """
 
+import copy
 import hashlib
 import os
 from typing import NamedTuple
@@ -35,11 +42,12 @@ from tfx.components import FileBasedExampleGen
 from tfx.components.example_gen import driver
 from tfx.components.example_gen import utils as example_gen_utils
 from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
+from tfx.components.example_gen.input_processor import FileBasedInputProcessor
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, standard_component_specs
-from tfx.utils import io_utils, proto_utils
+from tfx.utils import proto_utils
 
 from components import image_listing
 from components.image_decoding import format_shape, image_problem, tf_reason
@@ -383,22 +391,81 @@ def _read_rejected(rejects_dir):
     return sorted(lines)
 
 
-class _Driver(driver.FileBasedDriver):
-    """FileBasedDriver whose errors say which input was looked for; it fingerprints windows.
+def _input_fingerprint(input_base, spans, patterns, labels_file=None):
+    """One line per split and span that changes when any input of that span and split does.
 
-    With a span window the fingerprint covers every split of every span of the window.
+    It covers every matched file's path (relative to `input_base`), size and mtime in
+    nanoseconds, and the same of the manifests and labels files above them, so a file moved
+    to another label folder or an edited manifest changes it. Files are stat'ed, not read.
     """
+    return "\n".join(
+        f"span:{span},split:{name},"
+        + _files_fingerprint(input_base, os.path.join(input_base, pattern), labels_file)
+        for name, split_patterns in patterns.items()
+        for span, pattern in zip(spans, split_patterns, strict=True)
+    )
+
+
+def _files_fingerprint(input_base, pattern, labels_file):
+    """'num_files:N,total_bytes:B,sha256:D' of the files `pattern` matches and their CSVs."""
+    paths = fileio.glob(pattern)
+    metadata = image_listing.metadata_paths(input_base, paths, labels_file)
+    digest = hashlib.sha256()
+    total_bytes = 0
+    for path in sorted({*paths, *metadata}):
+        size, mtime_ns = _size_and_mtime(path)
+        total_bytes += max(size, 0)
+        relative = image_listing.relative_path(path, input_base) or path
+        digest.update(f"{relative}\0{size}\0{mtime_ns}\n".encode())
+    return f"num_files:{len(paths)},total_bytes:{total_bytes},sha256:{digest.hexdigest()}"
+
+
+def _size_and_mtime(path):
+    """(size, mtime in ns) of `path`; (-1, -1) when it cannot be stat'ed (a broken link)."""
+    try:
+        stat = fileio.stat(path)
+    except (OSError, tf.errors.OpError):  # the executor names the file and what is wrong
+        return -1, -1
+    return stat.length, stat.mtime_nsec
+
+
+class _SpanResolver(FileBasedInputProcessor):
+    """TFX's span and version resolution, without TFX's input fingerprint (the driver's own)."""
+
+    def resolve_span_and_version(self):
+        resolved = {
+            split.name: example_gen_utils._get_target_span_version(  # TFX's resolution, pinned
+                self._input_base_uri, copy.deepcopy(split), self._range_config
+            )
+            for split in self._splits
+        }
+        if len({(span or 0, version) for span, version in resolved.values()}) > 1:
+            raise ValueError(f"the newest (span, version) differs between splits: {resolved}")
+        span, version = next(iter(resolved.values()))
+        return span or 0, version
+
+    def get_input_fingerprint(self, span, version):
+        return None
+
+
+class _Driver(driver.FileBasedDriver):
+    """FileBasedDriver whose errors say which input was looked for, with its own fingerprint.
+
+    The fingerprint (`_input_fingerprint`) covers every split of every span of the window.
+    """
+
+    def get_input_processor(self, splits, range_config=None, input_base_uri=None):
+        return _SpanResolver(input_base_uri, splits, range_config)
 
     def resolve_exec_properties(self, exec_properties, pipeline_info, component_info):
         exec_properties = self._resolve_newest_span(exec_properties, pipeline_info, component_info)
         spans, patterns = window_inputs(exec_properties)
-        if len(spans) > 1:
-            input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
-            exec_properties[example_gen_utils.FINGERPRINT_PROPERTY_NAME] = "\n".join(
-                f"span:{span}," + io_utils.generate_fingerprint(name, os.path.join(input_base, p))
-                for name, split_patterns in patterns.items()
-                for span, p in zip(spans, split_patterns, strict=True)
-            )
+        exec_properties[example_gen_utils.FINGERPRINT_PROPERTY_NAME] = _input_fingerprint(
+            exec_properties[standard_component_specs.INPUT_BASE_KEY],
+            spans,
+            patterns,
+            ingest_settings(exec_properties).labels_file,
+        )
         return exec_properties
 
     def _resolve_newest_span(self, exec_properties, pipeline_info, component_info):

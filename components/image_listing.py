@@ -109,6 +109,16 @@ class _CsvTables:
         return self._tables[key]
 
 
+def metadata_paths(input_base, paths, labels_file=None):
+    """The manifests and labels files that give `paths` (under `input_base`) their details."""
+    names = [MANIFEST, *([labels_file] if labels_file else [])]
+    folders = {
+        folder for path in paths for folder in _folders_above(relative_path(path, input_base))
+    }
+    candidates = (os.path.join(input_base, folder, name) for folder in folders for name in names)
+    return sorted(path for path in candidates if fileio.exists(path))
+
+
 def relative_path(path, input_base):
     """`path` relative to `input_base` (normalized, '/'-separated), or None if not below it.
 

@@ -33,6 +33,8 @@ from pipeline.validation import build_validation
 
 SHAPE = (42, 42, 1)
 COMPLETE = metadata_store_pb2.Execution.COMPLETE
+CACHED = metadata_store_pb2.Execution.CACHED
+OUTPUTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.PENDING_OUTPUT)
 
 
 def png_bytes(array, image_format="PNG"):
@@ -72,7 +74,7 @@ def Downstream():
     """A sentinel: it runs only when everything upstream succeeded."""
 
 
-def run_pipeline(tmp_path, components, name="test"):
+def run_pipeline(tmp_path, components, name="test", enable_cache=False):
     """Runs `components` (+ a Downstream sentinel after the last) under LocalDagRunner.
 
     Returns the MLMD connection config; re-raises the failing component's error.
@@ -85,6 +87,7 @@ def run_pipeline(tmp_path, components, name="test"):
         pipeline_root=str(tmp_path / "pipeline_root"),
         components=[*components, downstream],
         metadata_connection_config=config,
+        enable_cache=enable_cache,
     )
     LocalDagRunner().run(pipeline)
     return config
@@ -599,6 +602,38 @@ def test_the_fingerprint_of_a_window_covers_its_spans_only(tmp_path):
     assert fingerprint() == before  # span 1 is outside the window
     (data_root / "span-2" / "eval" / "0" / "extra.png").write_bytes(png_bytes(digit_array(5)))
     assert fingerprint() != before
+
+
+def test_a_cached_run_reruns_when_a_file_moves_to_another_label_or_the_manifest_changes(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root, labels={"train": [1, 2], "eval": [3]})
+
+    def ingest():
+        """(state of this run's ImageExampleGen, sorted (label, variant) of its train split)."""
+        example_gen = ImageExampleGen(input_base=str(data_root))
+        config = run_pipeline(tmp_path, [example_gen], enable_cache=True)
+        store = metadata_store.MetadataStore(config)
+        [execution, *_] = sorted(
+            store.get_executions_by_type(ImageExampleGen.get_class_type()), key=lambda e: -e.id
+        )
+        [event] = [
+            e for e in store.get_events_by_execution_ids([execution.id]) if e.type in OUTPUTS
+        ]
+        [examples] = store.get_artifacts_by_id([event.artifact_id])
+        train = [example_tuple(example)[1:3] for example in read_examples(examples.uri, "train")]
+        return execution.last_known_state, sorted(train)
+
+    assert ingest() == (COMPLETE, [(1, "rts"), (2, "rts")])
+    assert ingest()[0] == CACHED
+    (span / "train" / "5").mkdir()
+    (span / "train" / "2" / "000001.png").rename(
+        span / "train" / "5" / "000001.png"
+    )  # same size, mtime
+    assert ingest() == (COMPLETE, [(1, "rts"), (5, "unknown")])  # no longer in the manifest
+    manifest = span / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",rts,", ",rst,"))  # same size
+    assert ingest() == (COMPLETE, [(1, "rst"), (5, "unknown")])
+    assert ingest()[0] == CACHED
 
 
 def test_a_window_whose_older_span_breaks_the_schema_stops_at_the_gate(tmp_path):
