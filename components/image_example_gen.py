@@ -30,8 +30,10 @@ not a valid example. Skipped inputs are logged and recorded on the output artifa
 """
 
 import copy
+import gzip
 import hashlib
 import os
+import zlib
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -59,6 +61,7 @@ SPANS_PROPERTY = "spans"
 _REJECTED = "rejected"
 _REJECTS_DIR_KEY = "_rejects_dir"
 _SPAN_PATTERNS_KEY = "_span_patterns"
+_RECORD_FRAMING = 16  # a TFRecord: 8-byte length, 4-byte CRC, the data, 4-byte CRC
 
 
 class IngestSettings(NamedTuple):
@@ -246,15 +249,11 @@ class _TFRecordToExamples(beam.DoFn):
         self._shape = shape
 
     def process(self, path):
-        compression = "GZIP" if path.lower().endswith(".gz") else ""
-        dataset = tf.data.TFRecordDataset(path, compression_type=compression)
-        try:
-            records = list(dataset.as_numpy_iterator())  # all or nothing: a file reads to its end
-        except tf.errors.DataLossError as error:
+        records, problem = _read_tfrecord(path)
+        if problem is not None:
             yield beam.pvalue.TaggedOutput(
                 _REJECTED,
-                f"{path} is not a readable TFRecord file ({tf_reason(error.message)}); "
-                "none of its records are used",
+                f"{path} is not a readable TFRecord file ({problem}); none of its records are used",
             )
             return
         for index, record in enumerate(records):
@@ -285,6 +284,40 @@ class _TFRecordToExamples(beam.DoFn):
             if name not in features:
                 features[name].bytes_list.value.append(default.encode())
         return example, None
+
+
+def _read_tfrecord(path):
+    """(records, None) for a TFRecord file that reads to its end, else (None, what is wrong).
+
+    TensorFlow's reader takes a file cut inside a record's 12-byte header for its end, so the
+    records must also account for every byte of the record stream (each is its data plus 16
+    bytes of length and CRCs). A `.gz` file's stream is its decompressed content, which
+    Python's gzip reads to the end-of-stream marker, so a cut anywhere in it is found too.
+    """
+    compression = "GZIP" if path.lower().endswith(".gz") else ""
+    dataset = tf.data.TFRecordDataset(path, compression_type=compression)
+    try:
+        records = list(dataset.as_numpy_iterator())
+        size = _record_stream_size(path, compression)
+    except tf.errors.OpError as error:  # a cut record, a folder, a broken link
+        return None, tf_reason(error.message)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        return None, f"GZIP: {error}"
+    whole = sum(len(record) + _RECORD_FRAMING for record in records)
+    if whole != size:
+        return None, f"{len(records)} whole record(s) end at byte {whole} of {size}: a cut record"
+    return records, None
+
+
+def _record_stream_size(path, compression):
+    """Bytes of the file's record stream: its size, or with GZIP its decompressed size."""
+    if not compression:
+        return fileio.stat(path).length
+    size = 0
+    with fileio.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
+        while chunk := stream.read(1 << 20):
+            size += len(chunk)
+    return size
 
 
 @beam.ptransform_fn

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import struct
 from pathlib import Path
 
 import apache_beam as beam
@@ -359,10 +360,10 @@ def test_a_csv_row_without_a_required_value_names_file_line_and_column(tmp_path,
 # ---- TFRecord files (the executor's DoFn, no pipeline) ----
 
 
-def write_tfrecord(path, labels):
+def write_tfrecord(path, labels, compression=None):
     """A TFRecord of contract examples with `labels`; their (image, label) tuples."""
     originals = []
-    with tf.io.TFRecordWriter(str(path)) as writer:
+    with tf.io.TFRecordWriter(str(path), compression) as writer:
         for index, label in enumerate(labels):
             image = png_bytes(digit_array(1000 + index))
             example = tf.train.Example()
@@ -390,16 +391,58 @@ def test_a_readable_tfrecord_file_gives_all_its_examples(tmp_path):
     assert read_tfrecord_file(path) == (originals, [])
 
 
-def test_a_truncated_tfrecord_file_gives_no_example_and_one_clean_reason(tmp_path):
+def first_record_end(data):
+    """Where the first record of uncompressed TFRecord `data` ends (length + CRC, data, CRC)."""
+    [length] = struct.unpack("<Q", data[:8])
+    return 8 + 4 + length + 4
+
+
+@pytest.mark.parametrize(
+    "anchor, offset",
+    [
+        ("start", 5),  # inside the first record's header: TensorFlow reads an empty file
+        ("second", 1),  # inside the second record's 12-byte header: TensorFlow reads one record
+        ("second", 8),
+        ("second", 11),
+        ("second", 12),  # the second record's data is missing
+        ("end", -100),  # inside the last record's data
+        ("end", -2),  # inside the last record's data CRC
+    ],
+)
+def test_a_truncated_tfrecord_file_gives_no_example_and_one_clean_reason(tmp_path, anchor, offset):
     path = tmp_path / "part-0.tfrecord"
     write_tfrecord(path, [3, 1, 4])
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 100])  # the first two records are still whole
+    start = {"start": 0, "second": first_record_end(data), "end": len(data)}[anchor]
+    path.write_bytes(data[: start + offset])
     examples, [line] = read_tfrecord_file(path)
     assert examples == []
-    assert line.startswith(f"{path} is not a readable TFRecord file (truncated record at ")
+    assert line.startswith(f"{path} is not a readable TFRecord file (")
     assert line.endswith("); none of its records are used")
     assert "{{" not in line and "[Op:" not in line and "name:" not in line
+
+
+def test_a_tfrecord_file_cut_inside_a_header_names_where_its_records_end(tmp_path):
+    path = tmp_path / "part-0.tfrecord"
+    write_tfrecord(path, [3, 1, 4])
+    data = path.read_bytes()
+    end = first_record_end(data)
+    path.write_bytes(data[: end + 7])
+    _, [line] = read_tfrecord_file(path)
+    assert f"(1 whole record(s) end at byte {end} of {end + 7}: a cut record)" in line
+
+
+@pytest.mark.parametrize("where", ["header", "middle", "trailer"])
+def test_a_truncated_gzip_tfrecord_file_gives_no_example(tmp_path, where):
+    path = tmp_path / "part-0.tfrecord.gz"
+    originals = write_tfrecord(path, [3, 1, 4], "GZIP")
+    assert read_tfrecord_file(path) == (originals, [])
+    data = path.read_bytes()
+    cut = {"header": 10, "middle": len(data) // 2, "trailer": len(data) - 4}[where]
+    path.write_bytes(data[:cut])
+    examples, [line] = read_tfrecord_file(path)
+    assert examples == []
+    assert line.startswith(f"{path} is not a readable TFRecord file (")
 
 
 # ---- the component under LocalDagRunner ----
