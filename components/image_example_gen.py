@@ -23,9 +23,11 @@ fingerprint.
 
 Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
 one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an
-image file that is not decodable, has another shape or no label; a TFRecord file that does not
-read to its end (none of its records are used); one record of a readable TFRecord file that is
-not a valid example. Skipped inputs are logged and recorded on the output artifact
+image file that cannot be read (a folder or a broken link named like one), is not decodable,
+has another shape or no label (or one above 2**63-1); a TFRecord file that does not read to
+its end (none of its records are used); one record of a readable TFRecord file that is not a
+valid example. A file name that is not UTF-8 fails the run naming it: TensorFlow cannot list
+its folder at all. Skipped inputs are logged and recorded on the output artifact
 (`skipped_file_count`, `skipped_files`: one line per bad input).
 """
 
@@ -231,15 +233,30 @@ class _ImageToExample(beam.DoFn):
         self._shape = shape
 
     def process(self, source):
-        problem = source.problem
-        if problem is None:
-            with fileio.open(source.path, "rb") as handle:
-                data = handle.read()
-            problem = image_problem(data, self._shape)
+        if source.problem is None:
+            data, problem = _read_image(source.path, self._shape)
+        else:
+            data, problem = None, source.problem
         if problem is not None:
             yield beam.pvalue.TaggedOutput(_REJECTED, f"{source.path} {problem}")
         else:
             yield _example(data, source.label, source.variant, source.distortion)
+
+
+def _read_image(path, shape):
+    """(the encoded image at `path`, None), or (None, what is wrong with it)."""
+    try:
+        with fileio.open(path, "rb") as handle:
+            data = handle.read()
+    except tf.errors.OpError as error:  # a folder named like an image, a broken link
+        return None, f"cannot be read ({_file_reason(path, error)})"
+    problem = image_problem(data, shape)
+    return (None, problem) if problem is not None else (data, None)
+
+
+def _file_reason(path, error):
+    """TensorFlow's words for a file error, without the path it starts with."""
+    return tf_reason(error.message).removeprefix(f"{path}; ")
 
 
 class _TFRecordToExamples(beam.DoFn):
@@ -300,7 +317,7 @@ def _read_tfrecord(path):
         records = list(dataset.as_numpy_iterator())
         size = _record_stream_size(path, compression)
     except tf.errors.OpError as error:  # a cut record, a folder, a broken link
-        return None, tf_reason(error.message)
+        return None, _file_reason(path, error)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         return None, f"GZIP: {error}"
     whole = sum(len(record) + _RECORD_FRAMING for record in records)
@@ -491,19 +508,28 @@ class _Driver(driver.FileBasedDriver):
         return _SpanResolver(input_base_uri, splits, range_config)
 
     def resolve_exec_properties(self, exec_properties, pipeline_info, component_info):
-        exec_properties = self._resolve_newest_span(exec_properties, pipeline_info, component_info)
-        spans, patterns = window_inputs(exec_properties)
-        exec_properties[example_gen_utils.FINGERPRINT_PROPERTY_NAME] = _input_fingerprint(
-            exec_properties[standard_component_specs.INPUT_BASE_KEY],
-            spans,
-            patterns,
-            ingest_settings(exec_properties).labels_file,
-        )
+        input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+        try:
+            exec_properties = self._resolve_newest_span(
+                exec_properties, pipeline_info, component_info
+            )
+            spans, patterns = window_inputs(exec_properties)
+            exec_properties[example_gen_utils.FINGERPRINT_PROPERTY_NAME] = _input_fingerprint(
+                input_base, spans, patterns, ingest_settings(exec_properties).labels_file
+            )
+        except UnicodeDecodeError as error:  # TensorFlow's glob fails on the whole listing
+            raise ValueError(
+                f"ImageExampleGen: a file under {input_base} has a name that is not UTF-8, so "
+                f"TensorFlow cannot list its folder: {error.object!r}; rename it (max_bad_files "
+                "cannot skip it)"
+            ) from error
         return exec_properties
 
     def _resolve_newest_span(self, exec_properties, pipeline_info, component_info):
         try:
             return super().resolve_exec_properties(exec_properties, pipeline_info, component_info)
+        except UnicodeDecodeError:
+            raise
         except ValueError as error:
             splits = _input_config(exec_properties).splits
             patterns = ", ".join(f"{split.name}: {split.pattern}" for split in splits)

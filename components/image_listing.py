@@ -22,6 +22,7 @@ MANIFEST = "manifest.csv"
 UNKNOWN_VARIANT = "unknown"
 NO_DISTORTION = "{}"
 _CLASS_FOLDER = re.compile(r"[0-9]+")
+_MAX_LABEL = 2**63 - 1  # a tf.Example int64
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)", re.DOTALL)
 
 
@@ -80,6 +81,9 @@ def _image_source(path, tables, labels_file):
         label_text, origin = os.path.basename(os.path.dirname(path)), "its folder name"
     if not _CLASS_FOLDER.fullmatch(label_text):
         problem = f"{origin} {label_text!r} is not a class index (a non-negative integer)"
+        return ImageSource(path, None, variant, distortion, problem)
+    if int(label_text) > _MAX_LABEL:
+        problem = f"{origin} {label_text!r} is above 2**63-1, the largest int64 label"
         return ImageSource(path, None, variant, distortion, problem)
     return ImageSource(path, int(label_text), variant, distortion)
 
@@ -157,8 +161,16 @@ def _read_table(csv_path, folder, columns):
 
     Its rows must fill `columns`; raises ValueError naming the CSV and the line.
     """
-    with fileio.open(csv_path, "r") as handle:
-        text = handle.read()
+    with fileio.open(csv_path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{csv_path}, line {line}: byte {error.start} ({data[error.start : error.end]!r}) is "
+            "not UTF-8; save the file as UTF-8"
+        ) from error
     reader = csv.DictReader(io.StringIO(text))
     missing = [column for column in columns if column not in (reader.fieldnames or ())]
     if missing:

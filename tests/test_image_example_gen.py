@@ -357,6 +357,16 @@ def test_a_csv_row_without_a_required_value_names_file_line_and_column(tmp_path,
     assert str(raised.value).startswith(f"{folder / name}, line")
 
 
+def test_a_csv_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(digit_array(4)))
+    (folder / "manifest.csv").write_bytes(b'file,variant,params\na.png,r\xe9s,"{}"\n')
+    with pytest.raises(ValueError) as raised:
+        image_listing.list_split(str(tmp_path), "*/*.png")
+    assert str(raised.value).startswith(f"{folder / 'manifest.csv'}, line 2: byte 27 (b'\\xe9') ")
+
+
 # ---- TFRecord files (the executor's DoFn, no pipeline) ----
 
 
@@ -517,6 +527,41 @@ def test_max_bad_files_skips_bad_files_and_records_them(tmp_path, caplog):
     for path in expected:
         assert str(path) in caplog.text
     assert_examples_match_files(artifact.uri, span)
+
+
+def test_unreadable_entries_and_huge_labels_are_bad_inputs_max_bad_files_skips(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root)
+    broken = span / "train" / "1" / "broken.png"
+    broken.symlink_to("/nonexistent/x.png")
+    folder = span / "train" / "1" / "sub.png"
+    folder.mkdir()
+    huge = span / "train" / "99999999999999999999" / "x.png"
+    huge.parent.mkdir()
+    huge.write_bytes(png_bytes(digit_array(6)))
+    config = run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root), max_bad_files=3)])
+    artifact = examples_artifact(config)
+    assert artifact.get_json_value_custom_property(image_example_gen.SKIPPED_FILES_PROPERTY) == [
+        f"{broken} cannot be read (No such file or directory)",
+        f"{folder} cannot be read (Is a directory)",
+        f"{huge} its folder name '99999999999999999999' is above 2**63-1, the largest int64 label",
+    ]
+    assert_examples_match_files(artifact.uri, span)
+
+
+def test_a_file_name_that_is_not_utf8_fails_the_driver_naming_it(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root)
+    name = bytes(span / "train" / "1") + b"/\xff.png"
+    with open(name, "wb") as handle:
+        handle.write(png_bytes(digit_array(7)))
+    example_gen = ImageExampleGen(input_base=str(data_root))
+    with pytest.raises(ValueError, match="has a name that is not UTF-8") as raised:
+        image_example_gen._Driver(None).resolve_exec_properties(
+            dict(example_gen.exec_properties), None, None
+        )
+    assert repr(name) in str(raised.value)
+    assert "empty span" not in str(raised.value)
 
 
 def test_an_empty_span_fails_with_a_clear_message(tmp_path):
