@@ -63,6 +63,7 @@ SPANS_PROPERTY = "spans"
 _REJECTED = "rejected"
 _REJECTS_DIR_KEY = "_rejects_dir"
 _SPAN_PATTERNS_KEY = "_span_patterns"
+_MAX_INT64 = 2**63 - 1
 _RECORD_FRAMING = 16  # a TFRecord: 8-byte length, 4-byte CRC, the data, 4-byte CRC
 
 
@@ -527,7 +528,9 @@ class _Driver(driver.FileBasedDriver):
 
     def _resolve_newest_span(self, exec_properties, pipeline_info, component_info):
         try:
-            return super().resolve_exec_properties(exec_properties, pipeline_info, component_info)
+            resolved = super().resolve_exec_properties(
+                exec_properties, pipeline_info, component_info
+            )
         except UnicodeDecodeError:
             raise
         except ValueError as error:
@@ -539,6 +542,21 @@ class _Driver(driver.FileBasedDriver):
                 f"{error}. An empty span (no files in one of its split folders) has nothing to "
                 "ingest."
             ) from error
+        _check_span(resolved)
+        return resolved
+
+
+def _check_span(exec_properties):
+    """Raise ValueError naming the resolved span's files if ML Metadata cannot record it."""
+    span = exec_properties[example_gen_utils.SPAN_PROPERTY_NAME]
+    if span > _MAX_INT64:
+        input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+        splits = _input_config(exec_properties).splits
+        files = ", ".join(os.path.join(input_base, split.pattern) for split in splits)
+        raise ValueError(
+            f"ImageExampleGen: span {span} ({files}) is above 2**63-1, the largest span ML "
+            "Metadata records; renumber it"
+        )
 
 
 class ImageExampleGen(FileBasedExampleGen):

@@ -37,14 +37,17 @@ DEFAULT_CANVAS = 42
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "split", "label", "source_index", "variant", "params")
 PROGRESS_EVERY = 5000
+MAX_SPAN = 2**63 - 1
 
 logger = logging.getLogger(__name__)
 
 
 def span_dir(data_root, span):
-    """The folder of span `span` (an int >= 1) under `data_root`."""
+    """The folder of span `span` (an int from 1 to 2**63-1, what ML Metadata records)."""
     if isinstance(span, bool) or not isinstance(span, int) or span < 1:
         raise ValueError(f"span must be an integer >= 1, got {span!r}")
+    if span > MAX_SPAN:
+        raise ValueError(f"span must be at most 2**63-1 (ML Metadata's int64), got {span}")
     return Path(data_root) / f"span-{span}"
 
 

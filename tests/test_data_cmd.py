@@ -109,6 +109,11 @@ def test_cli_prints_the_folder_and_reports_progress_on_stderr(tmp_path, capsys):
         ("--canvas", "27", "canvas must be at least 28 pixels, got 27"),
         ("--seed", "-3", "seed must be an integer >= 0, got -3"),
         ("--span", "0", "span must be an integer >= 1, got 0"),
+        (
+            "--span",
+            "9223372036854775808",
+            "span must be at most 2**63-1 (ML Metadata's int64), got 9223372036854775808",
+        ),
         ("--per-class", "0", "per_class must be None or an integer >= 1, got 0"),
     ],
 )

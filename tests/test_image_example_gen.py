@@ -564,6 +564,21 @@ def test_a_file_name_that_is_not_utf8_fails_the_driver_naming_it(tmp_path):
     assert "empty span" not in str(raised.value)
 
 
+def test_a_span_above_int64_fails_the_driver_naming_its_files(tmp_path):
+    data_root = tmp_path / "data"
+    write_test_span(data_root, span=2**63, labels={"train": [1], "eval": [2]})
+    example_gen = ImageExampleGen(input_base=str(data_root))
+    with pytest.raises(ValueError) as raised:
+        image_example_gen._Driver(None).resolve_exec_properties(
+            dict(example_gen.exec_properties), None, None
+        )
+    assert str(raised.value) == (
+        f"ImageExampleGen: span {2**63} ({data_root}/span-{2**63}/train/*/*, "
+        f"{data_root}/span-{2**63}/eval/*/*) is above 2**63-1, the largest span ML Metadata "
+        "records; renumber it"
+    )
+
+
 def test_an_empty_span_fails_with_a_clear_message(tmp_path):
     data_root = tmp_path / "data"
     write_test_span(data_root, labels={"train": [], "eval": []})
