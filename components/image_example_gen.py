@@ -536,11 +536,14 @@ class _Driver(driver.FileBasedDriver):
         except ValueError as error:
             splits = _input_config(exec_properties).splits
             patterns = ", ".join(f"{split.name}: {split.pattern}" for split in splits)
+            input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+            if str(error).startswith("Cannot find matching"):
+                raise ValueError(
+                    f"ImageExampleGen found no input under {input_base} ({patterns}): {error}. "
+                    "An empty span (no files in one of its split folders) has nothing to ingest."
+                ) from error
             raise ValueError(
-                f"ImageExampleGen found no input under "
-                f"{exec_properties.get(standard_component_specs.INPUT_BASE_KEY)} ({patterns}): "
-                f"{error}. An empty span (no files in one of its split folders) has nothing to "
-                "ingest."
+                f"ImageExampleGen cannot resolve the span under {input_base} ({patterns}): {error}"
             ) from error
         _check_span(resolved)
         return resolved

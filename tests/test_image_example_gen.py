@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -586,6 +587,18 @@ def test_an_empty_span_fails_with_a_clear_message(tmp_path):
         run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
     assert "Cannot find matching for split train" in str(raised.value)
     assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+def test_a_stray_folder_beside_the_spans_fails_naming_it(tmp_path):
+    data_root = tmp_path / "data"
+    write_test_span(data_root)
+    (data_root / "span-1").rename(data_root / "span-1-old")
+    write_test_span(data_root)
+    with pytest.raises(ValueError, match="cannot resolve the span") as raised:
+        run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
+    stray = rf"{data_root}/span-1-old/train/\d/\d{{6}}\.png"
+    assert re.search(rf"Cannot find span number from {stray} based on", str(raised.value))
+    assert "empty span" not in str(raised.value)
 
 
 @pytest.mark.slow
