@@ -28,12 +28,13 @@ has another shape or no label (or one above 2**63-1); a TFRecord file that does 
 its end (none of its records are used); one record of a readable TFRecord file that is not a
 valid example. A file name that is not UTF-8 fails the run naming it: TensorFlow cannot list
 its folder at all. Skipped inputs are logged and recorded on the output artifact
-(`skipped_file_count`, `skipped_files`: one line per bad input).
+(`skipped_file_count`, `skipped_files`: one entry per bad input).
 """
 
 import copy
 import gzip
 import hashlib
+import json
 import os
 import zlib
 from typing import NamedTuple
@@ -376,6 +377,7 @@ def _InputToExamples(pipeline, exec_properties, split_pattern):
     _ = (
         (from_images[_REJECTED], from_tfrecords[_REJECTED])
         | "MergeRejected" >> beam.Flatten()
+        | "OneLineEach" >> beam.Map(json.dumps)  # a newline in a file name stays in its line
         | "WriteRejected"
         >> beam.io.WriteToText(
             os.path.join(exec_properties[_REJECTS_DIR_KEY], rejects_name),
@@ -435,11 +437,12 @@ def ingested_spans(examples):
 
 
 def _read_rejected(rejects_dir):
-    lines = []
+    """The sorted reject lines the executor wrote to `rejects_dir`, one JSON string a line."""
+    rejected = []
     for path in fileio.glob(os.path.join(rejects_dir, "*")):
         with fileio.open(path, "r") as handle:
-            lines.extend(line for line in handle.read().splitlines() if line)
-    return sorted(lines)
+            rejected.extend(json.loads(line) for line in handle.read().split("\n") if line)
+    return sorted(rejected)
 
 
 def _input_fingerprint(input_base, spans, patterns, labels_file=None):

@@ -550,6 +550,18 @@ def test_unreadable_entries_and_huge_labels_are_bad_inputs_max_bad_files_skips(t
     assert_examples_match_files(artifact.uri, span)
 
 
+def test_a_bad_file_with_a_newline_in_its_name_counts_once(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root)
+    bad = span / "train" / "4" / "two\nlines.png"
+    bad.write_text("not an image")
+    config = run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root), max_bad_files=1)])
+    artifact = examples_artifact(config)
+    assert artifact.get_int_custom_property(image_example_gen.SKIPPED_COUNT_PROPERTY) == 1
+    [line] = artifact.get_json_value_custom_property(image_example_gen.SKIPPED_FILES_PROPERTY)
+    assert line.startswith(f"{bad} is not a PNG or JPEG file")
+
+
 def test_a_file_name_that_is_not_utf8_fails_the_driver_naming_it(tmp_path):
     data_root = tmp_path / "data"
     span = write_test_span(data_root)
