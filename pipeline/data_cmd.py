@@ -1,5 +1,6 @@
 """`stn-pipeline data`: write a span of the embedded distorted-MNIST data set."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def register(subparsers):
             "byte-identical files."
         ),
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="DATA_ROOT", help="data root")
+    parser.add_argument(
+        "--out", required=True, type=_local_folder, metavar="DATA_ROOT", help="data root"
+    )
     parser.add_argument("--span", type=int, default=1, help="span number N (default: 1)")
     parser.add_argument(
         "--variant",
@@ -49,6 +52,15 @@ def register(subparsers):
     )
     parser.add_argument("--force", action="store_true", help="replace an existing span")
     parser.set_defaults(func=run)
+
+
+def _local_folder(text):
+    """--out as a Path; a URI is refused, as the span is written with local file calls."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text} is a URI; write the span to a local folder and copy it there"
+        )
+    return Path(text)
 
 
 def run(args):

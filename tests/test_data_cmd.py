@@ -123,6 +123,15 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys, option, value, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_refuses_a_uri_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "--out", "gs://bucket/data"])
+    assert exit_info.value.code == 2
+    assert "argument --out: gs://bucket/data is a URI" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no local folder named gs:
+
+
 def test_cli_rejects_an_unknown_variant(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["data", "--out", str(tmp_path), "--variant", "spiral"])
