@@ -18,8 +18,7 @@ and mtime (ns) of every file of every span of the window and of the manifests an
 above them, so a cached run re-runs when an image is added, edited or moved to another label
 folder, or a manifest is edited. This holds with the local driver; a `--target vertex`
 package runs TFX's own driver, which fingerprints span N only, by file count, total size and
-whole-second mtimes: it runs a window's ingest uncached, a one-span ingest with that weaker
-fingerprint.
+whole-second mtimes, so it runs ingest uncached.
 
 Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
 one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an

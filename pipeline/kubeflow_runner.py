@@ -69,9 +69,10 @@ def compile_for_kubeflow(config, output_path, image=None, pipeline_root=None):
     """
     check_package_path(output_path)
     spec = pipeline_spec(kubeflow_pipeline(config, pipeline_root), image or config.container_image)
-    if config.span_window > 1:
-        # TFX's driver fingerprints span N only: a rewritten older span would hit the cache.
-        spec["root"]["dag"]["tasks"]["ImageExampleGen"]["cachingOptions"] = {"enableCache": False}
+    # TFX's driver, which this package runs, fingerprints span N only, and by file count, total
+    # size and whole-second mtimes: an image moved between label folders or an edited manifest
+    # (or a rewritten older span of a window) would hit the cache. Ingest always runs.
+    spec["root"]["dag"]["tasks"]["ImageExampleGen"]["cachingOptions"] = {"enableCache": False}
     folder = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(folder, exist_ok=True)
     with open(output_path, "w") as handle:
