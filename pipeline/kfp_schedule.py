@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 
 PACKAGE_SUFFIXES = (".yaml", ".yml", ".zip", ".tar.gz")  # what the kfp 2.x Client uploads
 
@@ -30,8 +31,25 @@ class Scheduled:
     replaced: tuple  # ids of the recurring runs of the same name that were deleted
 
 
+_MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+_WEEKDAYS = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
+# KFP's cron fields (robfig/cron with seconds): name, smallest and largest value, value names.
+_CRON_FIELDS = (
+    ("second", 0, 59, {}),
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, {name: number for number, name in enumerate(_MONTHS, 1)}),
+    ("weekday", 0, 6, {name: number for number, name in enumerate(_WEEKDAYS)}),
+)
+_CRON_PART = re.compile(r"(?:[*?]|(\w+)(?:-(\w+))?)(?:/([0-9]+))?")
+
+
 def kfp_cron(expression):
-    """KFP's 6-field cron (seconds first); a 5-field Unix cron gets second 0 prepended."""
+    """KFP's 6-field cron (seconds first); a 5-field Unix cron gets second 0 prepended.
+
+    Raises ValueError naming the field that KFP's parser would refuse (a 7 for Sunday too).
+    """
     fields = str(expression).split()
     if len(fields) == 5:
         fields = ["0", *fields]
@@ -40,7 +58,35 @@ def kfp_cron(expression):
             f"--cron {expression!r} must have 5 fields (minute hour day month weekday) "
             "or 6 (KFP's: second first)"
         )
+    for text, field in zip(fields, _CRON_FIELDS, strict=True):
+        for part in text.split(","):
+            problem = _cron_part_problem(part, *field)
+            if problem:
+                raise ValueError(f"--cron {expression!r}: {field[0]} {part!r} {problem}")
     return " ".join(fields)
+
+
+def _cron_part_problem(part, name, low, high, names):
+    """What is wrong with one comma-separated part of a cron field, or None."""
+    match = _CRON_PART.fullmatch(part)
+    if not match:
+        return "is not *, a value, a range a-b or either with /step"
+    first, last, step = match.groups()
+    values = []
+    for text in filter(None, (first, last)):
+        value = int(text) if text.isdigit() else names.get(text.upper())
+        if value is None:
+            allowed = f"a number or one of {', '.join(names)}" if names else "a number"
+            return f"holds {text!r}, not {allowed}"
+        if not low <= value <= high:
+            sunday = " (Sunday is 0)" if name == "weekday" and value == 7 else ""
+            return f"holds {value}, outside {low}-{high}{sunday}"
+        values.append(value)
+    if values != sorted(values):
+        return "is a range that runs backwards"
+    if step is not None and int(step) == 0:
+        return "has a step of 0"
+    return None
 
 
 def _name_filter(name):
@@ -51,7 +97,7 @@ def _name_filter(name):
 def _version_name(package_path):
     with open(package_path, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()[:8]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-%f")
     return f"v{stamp}-{digest}"
 
 

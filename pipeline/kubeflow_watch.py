@@ -17,8 +17,8 @@ compiled by the kfp SDK, with kfp-kubernetes for the volumes:
   namespace, name and uid as STN_NAMESPACE, STN_POD_NAME and STN_POD_UID for the trainer's
   Kubernetes backend.
 
-The config's home and data root must be absolute paths, and its pipeline name one that KFP
-keeps as it is.
+The config's home and data root must be absolute paths, its pipeline name one that KFP keeps
+as it is, and Kubernetes workers (`backend: kubernetes`) must mount the home's claim at the home.
 """
 
 import dataclasses
@@ -44,7 +44,8 @@ _KFP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")  # what the kfp compiler kee
 
 def check_step_config(config):
     """Raise ValueError unless the step's pod can run `config`: a pipeline name KFP keeps as
-    it is, and a home and data root that are absolute paths (where the volumes are mounted)."""
+    it is, a home and data root that are absolute paths (where the volumes are mounted), and
+    Kubernetes workers that see the home's claim where the step does."""
     if not _KFP_NAME.fullmatch(config.pipeline_name):
         raise ValueError(
             "config field 'pipeline_name' must be 1 to 128 lowercase letters, digits and '-', "
@@ -56,6 +57,15 @@ def check_step_config(config):
             raise ValueError(
                 f"config field {name!r} must be an absolute path in the step's pod, where the "
                 f"volumes are mounted; got {path!r}"
+            )
+    workers = config.multiworker_config()
+    if workers.backend == "kubernetes":
+        mounted = (workers.kubernetes.pvc, os.path.normpath(workers.kubernetes.mount_path))
+        if mounted != (HOME_CLAIM, os.path.normpath(config.home_dir)):
+            raise ValueError(
+                "config field 'multiworker': the Kubernetes workers must mount the claim "
+                f"{HOME_CLAIM!r} at the home {config.home_dir}, where the step mounts it; they "
+                f"mount {mounted[0]!r} at {mounted[1]}"
             )
 
 

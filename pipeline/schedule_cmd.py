@@ -2,7 +2,7 @@
 
 Compiles the pipeline (as `compile` does, or takes `--package FILE.yaml`), uploads it as a new
 pipeline or a new version of the pipeline of that name, and creates the recurring run of that
-name in the experiment, replacing an older one, so exactly one schedule exists.
+name in the experiment, replacing an older one, so exactly one schedule exists there.
 """
 
 import os

@@ -21,7 +21,7 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipeline import cli
+from pipeline import cli, kfp_step
 from pipeline.configs import PipelineConfig, load_config
 
 IMAGE = "registry.example/stn-pipeline:9.9"
@@ -158,6 +158,7 @@ def _default_config_yaml(path):
 def test_the_kubeflow_steps_config_is_the_compiled_one_and_mounts_follow_the_home(tmp_path):
     values = yaml.safe_load((K8S_BASE / "pipeline.yaml").read_text())  # multiworker settings
     values.update(home="/mnt/stn", epochs=3, span_window=2, beam_args=["--foo=1"])
+    values["multiworker"]["kubernetes"]["mount_path"] = "/mnt/stn"
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump(values))
     path = tmp_path / "stn.yaml"
@@ -169,6 +170,27 @@ def test_the_kubeflow_steps_config_is_the_compiled_one_and_mounts_follow_the_hom
     )
     _, kubernetes = _watch_documents(path)
     assert sorted(m.mount_path for m in kubernetes.pvc_mount) == ["/mnt/stn", "/mnt/stn/serving"]
+
+
+@pytest.mark.parametrize(
+    ("home", "claim", "mount_path"),
+    [("/mnt/stn", "stn-pipeline-root", "/stn/home"), ("/stn/home", "stn-data", "/stn/home")],
+    ids=["another home", "another claim"],
+)
+def test_kubernetes_workers_must_see_the_steps_home(tmp_path, capsys, home, claim, mount_path):
+    values = yaml.safe_load((K8S_BASE / "pipeline.yaml").read_text())
+    values["home"] = home
+    values["multiworker"]["kubernetes"].update(pvc=claim, mount_path=mount_path)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    path = tmp_path / "stn.yaml"
+    assert cli.main(["compile", "--kubeflow", str(path), "--config", str(config_file)]) == 2
+    assert f"mount {claim!r} at {mount_path}" in capsys.readouterr().err
+    assert not path.exists()
+    assert kfp_step.main([yaml.safe_dump(values)]) == 2
+    assert (
+        "the Kubernetes workers must mount the claim 'stn-pipeline-root'" in capsys.readouterr().err
+    )
 
 
 def test_the_carried_config_survives_floats_escapes_and_characters_beyond_ascii():
@@ -207,7 +229,6 @@ def test_the_kubeflow_target_refuses_what_its_pod_could_not_run(tmp_path, fields
 
 
 def test_the_kubeflow_step_polls_the_carried_configs_data_root(watch_package, tmp_path, capsys):
-    from pipeline import kfp_step
 
     values = yaml.safe_load(_default_config_yaml(watch_package))
     values["home"] = str(tmp_path / "home")
@@ -257,7 +278,6 @@ def test_the_kubeflow_step_run_as_its_pod_runs_it_trains_and_pushes_once(tmp_pat
     ],
 )
 def test_the_kubeflow_step_names_what_is_wrong_with_its_config(config_yaml, message, capsys):
-    from pipeline import kfp_step
 
     assert kfp_step.main([config_yaml]) == 2
     assert message in capsys.readouterr().err
@@ -600,6 +620,32 @@ def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, wat
     assert pipeline["display_name"] == "stn-nightly"
     (uploaded,) = kfp_server.uploads.values()
     assert list(yaml.safe_load_all(uploaded)) == list(yaml.safe_load_all(watch_package.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("cron", "words"),
+    [
+        ("0 3 * * 7", "weekday '7' holds 7, outside 0-6 (Sunday is 0)"),
+        ("99 99 99 99 99", "minute '99' holds 99, outside 0-59"),
+        ("0 0 3 32 * *", "day of month '32' holds 32, outside 1-31"),
+        ("0 3 * JAN-FOO *", "month 'JAN-FOO' holds 'FOO', not a number or one of JAN, FEB"),
+        ("0 3 * * 5-1", "weekday '5-1' is a range that runs backwards"),
+        ("*/0 * * * *", "minute '*/0' has a step of 0"),
+        ("0 3 * * 1;2", "weekday '1;2' is not *, a value, a range a-b or either with /step"),
+        ("x 3 * * *", "minute 'x' holds 'x', not a number"),
+    ],
+)
+def test_schedule_names_the_cron_field_kfp_would_refuse(kfp_server, package, cron, words, capsys):
+    assert _schedule(kfp_server, package, "--cron", cron) == 2
+    assert f"--cron {cron!r}: {words}" in capsys.readouterr().err
+    assert kfp_server.recurring_runs == {}
+
+
+@pytest.mark.parametrize("cron", ["*/15 * * * *", "0 3 * * mon-fri", "0 0 3 ? 1,6 *"])
+def test_schedule_takes_ranges_steps_lists_and_names(cron):
+    from pipeline.kfp_schedule import kfp_cron
+
+    assert kfp_cron(cron).split()[-5:] == cron.split()[-5:]
 
 
 @pytest.mark.parametrize("cron", ["0 3 * *", "daily", "0 0 0 3 * * *"])
