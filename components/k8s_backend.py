@@ -270,13 +270,24 @@ def _waiting_reason(pod) -> tuple[str, str] | None:
 
 class _StartupWatch:
     """Logs why worker pods wait, and fails the group when one cannot start: no node takes it
-    for `unschedulable_grace_s`, or its image or container config is broken (STUCK_REASONS)."""
+    for `unschedulable_grace_s`, or its image or container config is broken (STUCK_REASONS).
 
-    def __init__(self, namespace: str, unschedulable_grace_s: int):
+    A pod the API server refuses (a ResourceQuota, a missing service account, Pod Security)
+    never exists: the Job controller only records a warning event. So while the Job has fewer
+    pods than `expected_pods`, its warnings (`job_warnings()`: (reason, message) pairs) are
+    logged, and after `unschedulable_grace_s` the group fails with them.
+    """
+
+    def __init__(
+        self, namespace: str, unschedulable_grace_s: int, expected_pods=0, job_warnings=list
+    ):
         self.namespace = namespace
         self.unschedulable_grace_s = unschedulable_grace_s
+        self.expected_pods = expected_pods
+        self.job_warnings = job_warnings
         self.logged: set[tuple[str, str]] = set()
         self.since: dict[tuple[str, str], float] = {}  # (pod, what is wrong): first seen
+        self.missing_since: float | None = None
 
     def _trouble(self, reason: str) -> tuple[str, int] | None:
         if reason == "Unschedulable":
@@ -285,6 +296,7 @@ class _StartupWatch:
 
     def check(self, pods, now: float) -> None:
         """Raises WorkerGroupError for a pod stuck past its grace; `now` is time.monotonic()."""
+        self._check_missing(len(pods), now)
         stuck = {}
         for pod in pods:
             waiting = _waiting_reason(pod)
@@ -304,6 +316,41 @@ class _StartupWatch:
                 raise WorkerGroupError(
                     f"worker pod {self.namespace}/{key[0]} cannot start: {reason}: {message}"
                 )
+
+    def _check_missing(self, count: int, now: float) -> None:
+        if count >= self.expected_pods:
+            self.missing_since = None
+            return
+        if self.missing_since is None:
+            self.missing_since = now
+        warnings = list(dict.fromkeys(self.job_warnings()))
+        for reason, message in warnings:
+            if ("job", message) not in self.logged:
+                self.logged.add(("job", message))
+                log.info(
+                    "the workers' job cannot create a pod: %s: %s; giving up after %d s",
+                    reason,
+                    message,
+                    self.unschedulable_grace_s,
+                )
+        if now - self.missing_since >= self.unschedulable_grace_s:
+            why = "; ".join(f"{r}: {m}" for r, m in warnings) or "no event of the job says why"
+            raise WorkerGroupError(
+                f"the workers' job in {self.namespace} has {count} of {self.expected_pods} "
+                f"pods after {self.unschedulable_grace_s} s: {why}"
+            )
+
+
+def _warnings_about(core: client.CoreV1Api, namespace: str, uid: str) -> list[tuple[str, str]]:
+    """(reason, message) of the warning events about the object `uid`, e.g. FailedCreate."""
+    try:
+        events = core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.uid={uid}"
+        ).items
+    except ApiException as e:  # a Role without events: list; the grace still ends the wait
+        log.debug("cannot list the events of %s: %s", uid, e.reason)
+        return []
+    return [(e.reason, e.message) for e in events if e.type == "Warning"]
 
 
 def _job_outcome(job) -> tuple[str, str] | None:
@@ -400,7 +447,12 @@ def run_on_kubernetes(
         core.create_namespaced_service(namespace, service)
         log.info("created job %s/%s with %d workers", namespace, name, config.num_workers)
         logs = _PodLogs(core, namespace, name)
-        startup = _StartupWatch(namespace, k8s.unschedulable_grace_s)
+        startup = _StartupWatch(
+            namespace,
+            k8s.unschedulable_grace_s,
+            expected_pods=config.num_workers,
+            job_warnings=lambda: _warnings_about(core, namespace, created.metadata.uid),
+        )
 
         def check_pods():
             pods = logs.pods()

@@ -60,6 +60,7 @@ TRAINER_PERMISSIONS = {
     *(("", "services", v) for v in ("create", "delete")),
     ("", "pods", "list"),
     ("", "pods/log", "get"),
+    ("", "events", "list"),
 }
 
 

@@ -1,6 +1,7 @@
 """The multi-worker trainer: local worker groups, sharding, fault tolerance, Kubernetes objects."""
 
 import collections
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -608,13 +609,15 @@ class FakeApiServer(http.server.ThreadingHTTPServer):
     every request. `job_result` is 'Complete' or 'Failed', or None for a job that never ends.
     Each pod listing answers the next pod list of `pod_script` (the last one repeats; default:
     two pods that ended as the job did), and the job changes once per entry; the first log read
-    of a pod in `waiting_logs` answers 400, as for a container waiting to start."""
+    of a pod in `waiting_logs` answers 400, as for a container waiting to start. The job's events
+    are `job_events`: (type, reason, message)."""
 
-    def __init__(self, job_result: str | None, pod_script=None, waiting_logs=()):
+    def __init__(self, job_result: str | None, pod_script=None, waiting_logs=(), job_events=()):
         super().__init__(("127.0.0.1", 0), _FakeApiHandler)
         self.job_result = job_result
         self.pod_script = pod_script
         self.waiting_logs = set(waiting_logs)
+        self.job_events = list(job_events)
         self.pod_listings = 0
         self.log_reads = collections.Counter()
         self.requests = []
@@ -686,6 +689,10 @@ class _FakeApiHandler(http.server.BaseHTTPRequestHandler):
             return self._send(
                 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": self._pods()}
             )
+        if path.endswith("/events"):
+            assert query["fieldSelector"] == f"involvedObject.uid={job['metadata']['uid']}"
+            items = [_event(job, *event) for event in self.server.job_events]
+            return self._send(200, {"apiVersion": "v1", "kind": "EventList", "items": items})
         if path.endswith("/log"):
             pod = path.split("/")[-2]
             self.server.log_reads[pod] += 1
@@ -705,6 +712,18 @@ class _FakeApiHandler(http.server.BaseHTTPRequestHandler):
         listing = min(self.server.pod_listings, len(script) - 1)
         self.server.pod_listings += 1
         return script[listing]
+
+
+def _event(job, event_type, reason, message):
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{job['metadata']['name']}.{reason}", "namespace": "default"},
+        "involvedObject": {"kind": "Job", "name": job["metadata"]["name"], "uid": "u-1"},
+        "type": event_type,
+        "reason": reason,
+        "message": message,
+    }
 
 
 def _status(code, reason):
@@ -792,19 +811,32 @@ def as_model(pod):
     return kubernetes.client.ApiClient().deserialize(response, "V1Pod")
 
 
-@pytest.fixture
-def fake_apiserver(request, monkeypatch):
-    """A FakeApiServer of `job_result` (or of keyword arguments), serving a trainer that does not
-    run in a pod (no downward API variables)."""
-    for variable in ("STN_NAMESPACE", "STN_POD_NAME", "STN_POD_UID"):
-        monkeypatch.delenv(variable, raising=False)
-    param = request.param
-    server = FakeApiServer(**(param if isinstance(param, dict) else {"job_result": param}))
+@contextlib.contextmanager
+def serving(server):
+    """`server` answering in a thread until the block ends."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def outside_a_pod(monkeypatch):
+    """A trainer that does not run in a pod (no downward API variables)."""
+    for variable in ("STN_NAMESPACE", "STN_POD_NAME", "STN_POD_UID"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def fake_apiserver(request, outside_a_pod):
+    """A FakeApiServer of `job_result` (or of keyword arguments), for a trainer outside a pod."""
+    param = request.param
+    arguments = param if isinstance(param, dict) else {"job_result": param}
+    with serving(FakeApiServer(**arguments)) as server:
+        yield server
 
 
 def _api_client(server):
@@ -925,6 +957,48 @@ def test_logs_are_followed_again_after_a_restart_and_after_a_waiting_container(
         assert line in messages
 
 
+FAILED_CREATE = (
+    "FailedCreate",
+    'Error creating: pods "stn-trainer-1-0-" is forbidden: error looking up service account '
+    'default/stn-worker: serviceaccount "stn-worker" not found',
+)
+REFUSED_PODS = {"job_result": None, "pod_script": [[]], "job_events": [("Warning", *FAILED_CREATE)]}
+GIVES_UP_AT_ONCE = dataclasses.replace(
+    K8S_CONFIG, kubernetes=dataclasses.replace(K8S, unschedulable_grace_s=1, poll_timeout_s=30)
+)
+
+
+@pytest.mark.parametrize("fake_apiserver", [REFUSED_PODS], indirect=True)
+def test_worker_pods_the_api_server_refuses_fail_the_group_with_the_jobs_event(
+    fake_apiserver, caplog
+):
+    caplog.set_level(logging.INFO, logger="components.k8s_backend")
+    with pytest.raises(WorkerGroupError) as failure:
+        run_on_kubernetes("stn-trainer-1", SPEC, GIVES_UP_AT_ONCE, _api_client(fake_apiserver))
+    assert str(failure.value) == (
+        "the workers' job in default has 0 of 2 pods after 1 s: " + ": ".join(FAILED_CREATE)
+    )
+    logged = "the workers' job cannot create a pod: " + ": ".join(FAILED_CREATE)
+    assert [r.getMessage() for r in caplog.records].count(logged + "; giving up after 1 s") == 1
+    deletes = [p for m, p, _, _ in fake_apiserver.requests if m == "DELETE"]
+    assert len(deletes) == 2
+
+
+def test_missing_pods_fail_the_group_only_after_the_grace_period():
+    warnings = []
+    watch = k8s_backend._StartupWatch(
+        "stn", unschedulable_grace_s=600, expected_pods=2, job_warnings=lambda: warnings
+    )
+    one = [as_model(worker_pod(0, "Running", RUNNING))]
+    watch.check(one, now=1000.0)
+    watch.check(one, now=1599.0)
+    watch.check([*one, as_model(worker_pod(1, "Running", RUNNING))], now=1700.0)  # it came
+    watch.check(one, now=1800.0)  # gone again (evicted): a new grace period
+    warnings.append(("FailedCreate", "exceeded quota: stn-quota"))
+    with pytest.raises(WorkerGroupError, match="has 1 of 2 pods after 600 s: FailedCreate: exc"):
+        watch.check(one, now=2400.0)
+
+
 def test_an_unschedulable_worker_fails_the_group_after_the_grace_period(caplog):
     caplog.set_level(logging.INFO, logger="components.k8s_backend")
     watch = k8s_backend._StartupWatch("stn", unschedulable_grace_s=600)
@@ -985,12 +1059,16 @@ def role_permissions():
     }
 
 
-@pytest.mark.parametrize("fake_apiserver", ["Failed"], indirect=True)
-def test_the_trainers_role_grants_exactly_the_calls_the_backend_makes(fake_apiserver):
-    with pytest.raises(WorkerGroupError):
-        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
-    used = {_permission(m, p, q) for m, p, q, _ in fake_apiserver.requests}
-    assert ("", "pods/log", "get") in used and ("batch", "jobs", "watch") in used
+def test_the_trainers_role_grants_exactly_the_calls_the_backend_makes(outside_a_pod):
+    used = set()
+    for server, config in (
+        (FakeApiServer("Failed"), K8S_CONFIG),  # pods that ran: their logs
+        (FakeApiServer(**REFUSED_PODS), GIVES_UP_AT_ONCE),  # no pods: the job's events
+    ):
+        with serving(server), pytest.raises(WorkerGroupError):
+            run_on_kubernetes("stn-trainer-1", SPEC, config, _api_client(server))
+        used |= {_permission(m, p, q) for m, p, q, _ in server.requests}
+    assert {("", "pods/log", "get"), ("batch", "jobs", "watch"), ("", "events", "list")} <= used
     assert used == role_permissions()
 
 
