@@ -26,19 +26,21 @@ SLICE_FEATURES = ("label", "variant")
 ACCURACY_METRIC = "sparse_categorical_accuracy"
 
 
+# TFMA computes accuracy in float32: 900/1000 is 0.89999998, and 960/1000 - 970/1000 is
+# -0.01000005. This slack keeps a model exactly at the floor or the tolerance blessed.
+_BLESSING_SLACK = 1e-6
+
+
 def eval_config(config):
     """TFMA: accuracy overall, per label and per variant; the blessing thresholds (overall)."""
-    # TFMA computes accuracy in float32: 900/1000 is 0.89999998, and 960/1000 - 970/1000 is
-    # -0.01000005. The slack keeps a model exactly at the floor or the tolerance blessed.
-    slack = 1e-6
     threshold = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(
-            lower_bound={"value": config.accuracy_floor - slack}
+            lower_bound={"value": config.accuracy_floor - _BLESSING_SLACK}
         ),
         # Ignored by the Evaluator when there is no baseline yet (the first run).
         change_threshold=tfma.GenericChangeThreshold(
             direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-            absolute={"value": -config.regression_tolerance - slack},
+            absolute={"value": -config.regression_tolerance - _BLESSING_SLACK},
         ),
     )
     return tfma.EvalConfig(
@@ -69,6 +71,18 @@ def eval_config(config):
             )
         ],
     )
+
+
+def blessing_thresholds(evaluation_config):
+    """(accuracy floor, regression tolerance) of an EvalConfig that `eval_config` made."""
+    for spec in evaluation_config.metrics_specs:
+        for metric in spec.metrics:
+            if metric.class_name == "SparseCategoricalAccuracy":
+                threshold = metric.per_slice_thresholds[0].threshold
+                floor = threshold.value_threshold.lower_bound.value + _BLESSING_SLACK
+                tolerance = -threshold.change_threshold.absolute.value - _BLESSING_SLACK
+                return round(floor, 9), round(tolerance, 9)
+    raise ValueError("the EvalConfig has no SparseCategoricalAccuracy threshold")
 
 
 def _span_range(span):

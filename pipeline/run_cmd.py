@@ -6,6 +6,7 @@ LocalDagRunner, and prints what happened. A failing component ends the command w
 status 1 and the component's error in words.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -123,7 +124,12 @@ def run(args):
     verbose = getattr(args, "verbose", False)
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-        _quiet_libraries()
+    with contextlib.nullcontext() if verbose else quiet_libraries():
+        return _run_pipeline(config, report)
+
+
+def _run_pipeline(config, report):
+    """Run `config`'s pipeline with progress lines and a summary; the exit status."""
     from pipeline import local_runner, summary
 
     tfx_pipeline = local_runner.local_pipeline(config)
@@ -153,8 +159,12 @@ def run(args):
     return 0
 
 
-def _quiet_libraries():
-    """Show our INFO lines (indented) and the libraries' errors; hide the libraries' chatter."""
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within the block, show our INFO lines (indented) and the libraries' errors, and hide the
+    libraries' chatter; the loggers are as they were after it."""
+    loggers = [logging.getLogger(name) for name in ("", "absl", "tensorflow", *_OWN_LOGGERS)]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in loggers]
     absl_logger = logging.getLogger("absl")
     absl_logger.propagate = False
     errors = logging.StreamHandler(sys.stderr)
@@ -168,4 +178,12 @@ def _quiet_libraries():
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(indented)
         logging.getLogger(name).propagate = False
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.setLevel(level)
+            logger.propagate = propagate
+            logger.handlers[:] = handlers

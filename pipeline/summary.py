@@ -181,7 +181,7 @@ def run_report(config, run_id=None):
         anomalies=_anomalies(nodes),
         metrics=_metrics(nodes),
         blessed=_blessed(nodes),
-        why=_why(nodes, config),
+        why=_why(nodes),
         pushed_to=_pushed_to(nodes),
         push_note=_push_note(nodes, config),
         timings={node.node_id: (node.seconds, node.state) for node in nodes.values()},
@@ -284,17 +284,22 @@ def _blessed(nodes):
     return None if blessing is None else _prop(blessing, "blessed") == 1
 
 
-def _why(nodes, config):
+def _why(nodes):
+    """The blessing rule the run's Evaluator applied (its own EvalConfig), and the outcome."""
     import tensorflow_model_analysis as tfma
+    from tensorflow_model_analysis.writers.eval_config_writer import load_eval_run
+
+    from pipeline.pipeline import blessing_thresholds
 
     evaluation = _artifact(nodes.get("Evaluator"), "evaluation")
     if evaluation is None:
         return ["the Evaluator did not run"]
     blessing = _artifact(nodes.get("Evaluator"), "blessing")
     has_baseline = bool(_prop(blessing, "baseline_model", "")) if blessing else False
-    floor = f"eval accuracy >= {config.accuracy_floor}"
+    accuracy_floor, regression_tolerance = blessing_thresholds(load_eval_run(evaluation.uri)[0])
+    floor = f"eval accuracy >= {accuracy_floor:g}"
     rule = (
-        f"{floor} and at most {config.regression_tolerance} below the baseline"
+        f"{floor} and at most {regression_tolerance:g} below the baseline"
         if has_baseline
         else f"{floor} (first model: no baseline yet)"
     )

@@ -9,6 +9,7 @@ No new data, no run. One watcher per home (a lock file); the spans trained on ar
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -74,14 +75,19 @@ def run(args):
     except ValueError as error:
         print(f"stn-pipeline watch: {error}", file=sys.stderr)
         return 2
-    if not getattr(args, "verbose", False):
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     report(f"watching {config.data_dir} for new spans (home {config.home_dir})")
     try:
-        watch.watch(interval_s=args.interval, once=args.once)
+        with contextlib.nullcontext() if verbose else run_cmd.quiet_libraries():
+            watch.watch(interval_s=args.interval, once=args.once)
     except watcher.WatcherBusy as error:
         print(f"stn-pipeline watch: {error}", file=sys.stderr)
         return EXIT_BUSY
+    except watcher.WatchStateError as error:
+        print(f"stn-pipeline watch: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         report("stopped")
     except Exception as error:  # a failing run with --once: say why in words

@@ -85,6 +85,23 @@ def next_spans(available, last_trained, window):
     return tuple(spans)
 
 
+class WatchStateError(ValueError):
+    """The state file cannot be read: no run can be planned until it is fixed or removed."""
+
+
+def _runs_problem(runs):
+    """What is wrong with the `runs` list of a state file, or None."""
+    if not isinstance(runs, list):
+        return f"'runs' is {type(runs).__name__}, not a list"
+    for index, run in enumerate(runs):
+        spans = run.get("spans") if isinstance(run, dict) else None
+        if not isinstance(spans, list) or not all(
+            isinstance(span, int) and not isinstance(span, bool) and span >= 1 for span in spans
+        ):
+            return f"run {index} has no 'spans' list of span numbers >= 1: {run!r}"
+    return None
+
+
 class WatchState:
     """The runs the watcher finished, in ``<home>/watch_state.json``."""
 
@@ -97,10 +114,13 @@ class WatchState:
         try:
             with open(self.path) as handle:
                 runs = json.load(handle)["runs"]
+            problem = _runs_problem(runs)
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"watch state {self.path} is not a watcher's state file: {error}"
-            ) from error
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            raise WatchStateError(
+                f"watch state {self.path} is not a watcher's state file: {problem}"
+            )
         return runs
 
     def last_trained_span(self):
@@ -193,13 +213,16 @@ class Watcher:
     def watch(self, interval_s=300.0, once=False, sleep=time.sleep):
         """Poll under the lock, every `interval_s` seconds (once: a single poll); runs made.
 
-        A failing run is reported and retried at the next poll (with `once`, it raises).
+        A failing run is reported and retried at the next poll (with `once`, it raises); an
+        unreadable state file (WatchStateError) stops the watcher.
         """
         outcomes = []
         with exclusive_lock(self.lock_path):
             while True:
                 try:
                     outcome = self.poll()
+                except WatchStateError:
+                    raise
                 except Exception as error:
                     if once:
                         raise

@@ -278,7 +278,6 @@ def test_the_kubeflow_step_run_as_its_pod_runs_it_trains_and_pushes_once(tmp_pat
     ],
 )
 def test_the_kubeflow_step_names_what_is_wrong_with_its_config(config_yaml, message, capsys):
-
     assert kfp_step.main([config_yaml]) == 2
     assert message in capsys.readouterr().err
 

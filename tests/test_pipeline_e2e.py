@@ -6,6 +6,7 @@ crippled trainer (one step), reuses the cached data components, is not blessed a
 baseline, and leaves `serving/` as it was. The configuration tests at the end are fast.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -133,6 +134,16 @@ def test_crippled_second_run_is_not_pushed(runs):
     assert tree(config.serving_dir) == runs["serving_before"]
     # The summary shows the baseline's accuracy beside the candidate's.
     assert "baseline" in out.split("eval metrics")[1].splitlines()[1]
+
+
+def test_the_blessing_rule_is_the_one_the_runs_evaluator_applied(runs):
+    # A report made with another config (here the defaults) still shows the run's own rule.
+    other = dataclasses.replace(runs["config"], accuracy_floor=0.9, regression_tolerance=0.01)
+    why = summary.run_report(other).why
+    assert why[0] == f"failed: eval accuracy >= {FLOOR} and at most 0.05 below the baseline"
+    assert (
+        "failed: eval accuracy >= 0.15 and at most 0.05 below the baseline" in runs["second"].stdout
+    )
 
 
 def test_second_run_reuses_cached_components(runs):

@@ -6,8 +6,8 @@ request; the slow test runs the real TFX pipeline through the watcher on tiny sp
 """
 
 import json
-import logging
 import os
+import re
 import threading
 
 import pytest
@@ -273,20 +273,40 @@ def test_run_config_carries_the_span_window_and_warm_start():
     assert "warm_start_model" not in first.trainer_custom_config()
 
 
-def test_a_corrupt_state_file_is_a_clear_error(setup):
-    home, data, _, _, make_watcher = setup
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "JSONDecodeError"),
+        ('{"runs": {}}', "'runs' is dict, not a list"),
+        ('{"runs": [1]}', "run 0 has no 'spans' list of span numbers >= 1: 1"),
+        ('{"runs": [{"span": [1]}]}', "run 0 has no 'spans' list"),
+        ('{"runs": [{"spans": [1]}, {"spans": ["a"]}]}', "run 1 has no 'spans' list"),
+    ],
+)
+def test_a_corrupt_state_file_stops_the_watcher_naming_it(setup, text, problem):
+    home, data, _, stand_in, make_watcher = setup
     _span(data, 1)
     os.makedirs(home, exist_ok=True)
-    (home / watcher.STATE_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match=r"watch_state\.json is not a watcher's state file"):
-        make_watcher().watch(once=True)
+    (home / watcher.STATE_FILE).write_text(text)
+    message = rf"watch_state\.json is not a watcher's state file: {re.escape(problem)}"
+    with pytest.raises(watcher.WatchStateError, match=message):
+        make_watcher().watch(once=False, sleep=lambda s: pytest.fail("the watcher went on"))
+    assert stand_in.requests == []
+
+
+def test_watch_command_exits_2_on_a_corrupt_state_file(tmp_path, capsys):
+    (tmp_path / watcher.STATE_FILE).write_text('{"runs": [1]}')
+    _span(tmp_path / "data", 1)
+    argv = ["watch", "--once", "--home", str(tmp_path), "--data-root", str(tmp_path / "data")]
+    assert cli.main(argv) == 2
+    assert "watch_state.json is not a watcher's state file: run 0" in capsys.readouterr().err
 
 
 # --- the real pipeline ------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path, caplog):
+def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path, capsys):
     from pipeline import spans
     from pipeline.summary import served_versions
 
@@ -310,9 +330,11 @@ def test_watch_runs_the_real_pipeline_once_per_new_span(tmp_path, caplog):
 
     first_served = str(serving / served_versions(serving)[0])
     spans.write_span(data, span=2, per_class=3, copies=1)
-    with caplog.at_level(logging.INFO, logger="stn_model.trainer"):
-        assert cli.main(argv) == 0
-    assert f"warm-started from {first_served}" in caplog.messages
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"      warm-started from {first_served}\n" in out  # our INFO lines, indented
+    assert "INFO absl" not in out + err  # the libraries' chatter is hidden
     runs = json.loads(state.read_text())["runs"]
     assert [run["spans"] for run in runs] == [[1], [2]]
     assert runs[1]["blessed"] is True  # floor 0 and any regression allowed
