@@ -6,7 +6,8 @@ once it holds `saved_model.pb`: TFX's Pusher copies that file last, and TF Servi
 same signal. A version that fails to load (a graph file still being written, a broken export)
 is logged, shown in the status, and retried once its files change, while the version already
 loaded keeps serving. A served version whose directory is removed stops serving: the newest
-other version that loads takes over, or none does, as in TF Serving.
+other version that loads takes over, or none does, as in TF Serving; while the model directory
+itself is missing (a remount, a swap by rename), nothing changes, as in TF Serving too.
 """
 
 import dataclasses
@@ -133,7 +134,7 @@ class ModelRepository:
                     break
                 if self._try_load(version, versions[version]):
                     break
-            else:  # no newer version loaded, and the served one (if any) was removed
+            else:  # no newer version loaded, and the served one (if any) is not listed
                 self._unload_removed()
             kept = set(versions) | ({self._served.version} if self._served else set())
             self._statuses = {v: s for v, s in self._statuses.items() if v in kept}
@@ -148,7 +149,10 @@ class ModelRepository:
                 log.exception("model %s: cannot scan %s", self.model_name, self.model_dir)
 
     def _unload_removed(self):
-        if self._served is None:
+        """Stop serving the served version if its directory (not the model's) is gone."""
+        if self._served is None or not os.path.isdir(self.model_dir):
+            return
+        if os.path.isdir(self._served.path):  # only its saved_model.pb is missing, for now
             return
         log.warning(
             "model %s: version %d was removed from %s and no other version loads; serving none",

@@ -27,8 +27,10 @@ ACCURACY_METRIC = "sparse_categorical_accuracy"
 
 
 # TFMA computes accuracy in float32: 900/1000 is 0.89999998, and 960/1000 - 970/1000 is
-# -0.01000005. This slack keeps a model exactly at the floor or the tolerance blessed.
-_BLESSING_SLACK = 1e-6
+# -0.01000005. This slack, float32's spacing between 1 and 2, is more than the rounding of an
+# accuracy (at most 1) or of a difference of two, and less than one example in 8 million: it
+# keeps a model exactly at the floor or the tolerance blessed, and no model below them.
+_BLESSING_SLACK = 2.0**-23
 
 
 def eval_config(config):
@@ -74,14 +76,15 @@ def eval_config(config):
 
 
 def blessing_thresholds(evaluation_config):
-    """(accuracy floor, regression tolerance) of an EvalConfig that `eval_config` made."""
+    """(accuracy floor, regression tolerance) of an EvalConfig that `eval_config` made, to 6
+    decimals (so also of one made before the slack, whose bounds were the config's)."""
     for spec in evaluation_config.metrics_specs:
         for metric in spec.metrics:
             if metric.class_name == "SparseCategoricalAccuracy":
                 threshold = metric.per_slice_thresholds[0].threshold
                 floor = threshold.value_threshold.lower_bound.value + _BLESSING_SLACK
                 tolerance = -threshold.change_threshold.absolute.value - _BLESSING_SLACK
-                return round(floor, 9), round(tolerance, 9)
+                return round(floor, 6), round(tolerance, 6)
     raise ValueError("the EvalConfig has no SparseCategoricalAccuracy threshold")
 
 

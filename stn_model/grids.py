@@ -63,7 +63,8 @@ def projective_grid(theta, output_size, align_corners=False):
     """Sampling grid for homographies theta [B, 3, 3] (or [B, 8]; the ninth entry is 1).
 
     The output pixel (x, y) samples the input at (u / w, v / w) with (u, v, w) = theta (x, y, 1).
-    Where w is 0 the point is +-inf, outside the image, and passes no gradient to theta.
+    Where w is 0 the point is at infinity (+-inf by the sign of u and v; +inf where they are 0
+    too), outside the image, and passes no gradient to theta.
     """
     theta = _parameters(theta, "theta", [(3, 3), (8,)])
     if theta.shape.rank == 2:
@@ -71,9 +72,10 @@ def projective_grid(theta, output_size, align_corners=False):
     uvw = _apply_matrices(tf.reshape(theta, [-1, 3, 3]), output_size, align_corners)
     uv, w = uvw[..., :2], uvw[..., 2:]
     at_infinity = tf.broadcast_to(tf.equal(w, 0.0), tf.shape(uv))
+    infinity = tf.fill(tf.shape(uv), tf.constant(float("inf"), uv.dtype))
     # Both branches of a tf.where get gradients: the divisor of the other one must not be 0.
     finite = uv / tf.where(tf.equal(w, 0.0), tf.ones_like(w), w)
-    return tf.where(at_infinity, tf.stop_gradient(uv / w), finite)
+    return tf.where(at_infinity, tf.where(uv < 0, -infinity, infinity), finite)
 
 
 def similarity_matrices(theta):

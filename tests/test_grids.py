@@ -60,25 +60,38 @@ def test_projective_grid_divides_by_the_third_coordinate(align_corners):
     np.testing.assert_allclose(projective_grid(eight, (4, 6), align_corners), expected, atol=1e-14)
 
 
-def test_projective_points_at_infinity_pass_no_nan_gradient():
-    # w = 4x + 1 is 0 at x = -0.25, one column of a 4 x 4 grid: those points lie outside the
-    # image, so the loss near theta is smooth and central differences give its gradient.
+def projective_sample_loss(theta):
     from stn_model import bilinear_sample
 
     images = tf.constant(np.random.default_rng(0).random((1, 4, 4, 1)))
-    theta = np.array([[1.0, 0, 0, 0, 1, 0, 4, 0]])
+    return tf.reduce_sum(bilinear_sample(images, projective_grid(theta, (4, 4))))
 
-    def loss(theta):
-        return tf.reduce_sum(bilinear_sample(images, projective_grid(theta, (4, 4))))
 
-    assert np.isinf(projective_grid(theta, (4, 4)).numpy()).sum() == 8
-    theta_t = tf.constant(theta)
+def loss_and_gradient(theta):
+    theta = tf.constant(theta)
     with tf.GradientTape() as tape:
-        tape.watch(theta_t)
-        value = loss(theta_t)
-    gradient = tape.gradient(value, theta_t).numpy()
+        tape.watch(theta)
+        value = projective_sample_loss(theta)
+    return value.numpy(), tape.gradient(value, theta).numpy()
+
+
+def test_projective_points_at_0_over_0_lie_outside_the_image_too():
+    # u = x + 0.25 and w = 4x + 1 are both 0 at x = -0.25: 0 / 0 must not sample NaN.
+    theta = np.array([[1.0, 0, 0.25, 0, 1, 0, 4, 0]])
+    assert np.isinf(projective_grid(theta, (4, 4)).numpy()).sum() == 8
+    value, gradient = loss_and_gradient(theta)
+    assert np.isfinite(value) and np.isfinite(gradient).all()
+
+
+def test_projective_points_at_infinity_pass_no_nan_gradient():
+    # w = 4x + 1 is 0 at x = -0.25, one column of a 4 x 4 grid: those points lie outside the
+    # image, so the loss near theta is smooth and central differences give its gradient.
+    theta = np.array([[1.0, 0, 0, 0, 1, 0, 4, 0]])
+    assert np.isinf(projective_grid(theta, (4, 4)).numpy()).sum() == 8
+    _, gradient = loss_and_gradient(theta)
     eps = 1e-7
     steps = np.eye(8)[:, None, :] * eps
+    loss = projective_sample_loss
     expected = [(loss(theta + step) - loss(theta - step)) / (2 * eps) for step in steps]
     np.testing.assert_allclose(gradient[0], expected, atol=1e-6)
 

@@ -614,6 +614,23 @@ def test_removing_the_last_version_stops_serving_it_and_a_new_push_under_its_num
     np.testing.assert_allclose(outputs["probabilities"].numpy(), probabilities, atol=1e-5)
 
 
+def test_a_model_folder_missing_for_a_while_or_a_graph_being_replaced_keeps_serving(
+    tmp_path, models
+):
+    model_dir = tmp_path / "stn"
+    model_dir.mkdir()
+    push(str(model_dir), 1, models["first"][0])
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    os.rename(model_dir, tmp_path / "stn.swapping")  # a remount, a swap by rename
+    repository.poll()
+    assert repository.served().version == 1
+    os.rename(tmp_path / "stn.swapping", model_dir)
+    os.rename(model_dir / "1" / "saved_model.pb", tmp_path / "saved_model.pb")  # being replaced
+    repository.poll()
+    assert repository.served().version == 1
+
+
 def test_the_poller_survives_a_failing_scan(tmp_path, models, monkeypatch, caplog):
     repository = ModelRepository(str(tmp_path), "stn")
     scans = []

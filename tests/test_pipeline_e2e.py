@@ -276,13 +276,31 @@ def test_mixed_precision_with_the_stock_trainer_is_refused_not_ignored(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("correct", "baseline_correct", "blessed"),
-    [(900, None, True), (899, None, False), (960, 970, True), (959, 970, False)],
-    ids=["at the floor", "below it", "at the tolerance", "beyond it"],
+    ("correct", "baseline_correct", "examples", "blessed"),
+    [
+        (900, None, 1000, True),
+        (899, None, 1000, False),
+        (960, 970, 1000, True),
+        (959, 970, 1000, False),
+        (900_000, None, 10**6, True),
+        (899_999, None, 10**6, False),
+        (959_999, 970_000, 10**6, False),
+    ],
+    ids=[
+        "at the floor",
+        "below it",
+        "at the tolerance",
+        "beyond it",
+        "at the floor of a million",
+        "one of a million below it",
+        "one of a million beyond the tolerance",
+    ],
 )
-def test_blessing_bounds_are_inclusive_in_tfmas_float32(correct, baseline_correct, blessed):
-    # The Evaluator's validation, fed TFMA's float32 accuracies of 1,000 examples (floor 0.9,
-    # tolerance 0.01): the bounds are the config's, not a float32 rounding below them.
+def test_blessing_bounds_are_inclusive_in_tfmas_float32(
+    correct, baseline_correct, examples, blessed
+):
+    # The Evaluator's validation, fed TFMA's float32 accuracies (floor 0.9, tolerance 0.01):
+    # the bounds are the config's, not a float32 rounding below them, nor an example beyond.
     import tensorflow_model_analysis as tfma
     from tensorflow_model_analysis.evaluators import metrics_validator
     from tensorflow_model_analysis.utils import config_util
@@ -291,17 +309,32 @@ def test_blessing_bounds_are_inclusive_in_tfmas_float32(correct, baseline_correc
     name = "candidate" if has_baseline else ""  # a single model has no name in TFMA's keys
     config = eval_config(load_config(None, {}))
     config.model_specs[0].name = name
-    accuracy = np.float32(correct / 1000)
+    accuracy = np.float32(correct / examples)
     key = tfma.metrics.MetricKey(name="sparse_categorical_accuracy", model_name=name)
     metrics = {key: float(accuracy)}
     if has_baseline:
         config.model_specs.append(tfma.ModelSpec(name="baseline", is_baseline=True))
         diff = tfma.metrics.MetricKey(key.name, model_name=name, is_diff=True)
-        metrics[diff] = float(accuracy - np.float32(baseline_correct / 1000))
+        metrics[diff] = float(accuracy) - float(np.float32(baseline_correct / examples))
     config = config_util.update_eval_config_with_defaults(
         config, has_baseline=has_baseline, rubber_stamp=not has_baseline
     )
     assert metrics_validator.validate_metrics(((), metrics), config).validation_ok == blessed
+
+
+def test_the_blessing_thresholds_read_back_from_an_eval_config_with_or_without_the_slack():
+    import tensorflow_model_analysis as tfma
+
+    from pipeline.pipeline import blessing_thresholds
+
+    config = load_config(None, {"accuracy_floor": 0.85, "regression_tolerance": 0.02})
+    assert blessing_thresholds(eval_config(config)) == (0.85, 0.02)
+    before_the_slack = eval_config(config)  # as runs before it recorded the bounds
+    threshold = before_the_slack.metrics_specs[0].metrics[1].per_slice_thresholds[0].threshold
+    threshold.value_threshold.lower_bound.value = 0.85
+    threshold.change_threshold.absolute.value = -0.02
+    assert isinstance(before_the_slack, tfma.EvalConfig)
+    assert blessing_thresholds(before_the_slack) == (0.85, 0.02)
 
 
 def test_uris_with_a_scheme_stay_as_they_are():
