@@ -135,7 +135,9 @@ def run_fn(fn_args, strategy=None):
 
     def eval_batches(context):
         batches = read_examples(fn_args.eval_files, global_batch, context)
-        return batches.repeat() if replicated else batches
+        # A step count beyond the split must not run it dry: Keras would skip every later
+        # epoch's validation without a word.
+        return batches.repeat() if validation_steps else batches
 
     eval_data = strategy.distribute_datasets_from_function(eval_batches)
 

@@ -154,8 +154,8 @@ def write_examples(path, count, seed):
     return labels
 
 
-def train(root, train_count, train_steps, seed, **custom_config):
-    """`run_fn` on random examples written under `root`; returns its FnArgs."""
+def train(root, train_count, train_steps, seed, eval_steps=None, **custom_config):
+    """`run_fn` on random examples (16 to evaluate on) written under `root`; returns its FnArgs."""
     write_examples(str(root / "Split-train" / "data.gz"), train_count, seed=seed)
     write_examples(str(root / "Split-eval" / "data.gz"), 16, seed=seed + 1)
     fn_args = FnArgs(
@@ -164,6 +164,7 @@ def train(root, train_count, train_steps, seed, **custom_config):
         serving_model_dir=str(root / "serving"),
         model_run_dir=str(root / "logs"),
         train_steps=train_steps,
+        eval_steps=eval_steps,
         custom_config={"batch_size": 16, **custom_config},
     )
     trainer.run_fn(fn_args)
@@ -188,6 +189,14 @@ def test_run_fn_exports_a_servable_model(trained):
 def test_run_fn_writes_tensorboard_logs(trained):
     events = tf.io.gfile.glob(os.path.join(trained.model_run_dir, "*", "events.out.tfevents.*"))
     assert {os.path.basename(os.path.dirname(path)) for path in events} == {"train", "validation"}
+
+
+def test_eval_steps_beyond_the_eval_split_validate_every_epoch(tmp_path, caplog):
+    with caplog.at_level("INFO", logger=trainer.__name__):  # the eval split is one batch
+        train(tmp_path, 48, train_steps=9, seed=3, eval_steps=2, model="cnn")
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 3
+    assert all("val_accuracy" in line for line in epochs), epochs
 
 
 def test_warm_start_loads_the_pushed_weights(trained):
