@@ -122,6 +122,12 @@ def main():
         for workers in (1, 2):
             first = run_in_fresh_process(data, workers, short, args.global_batch)
             second = run_in_fresh_process(data, workers, long, args.global_batch)
+            if second["seconds"] <= first["seconds"]:
+                sys.exit(
+                    f"{workers} worker(s): {long} steps took {second['seconds']:.1f} s, not more "
+                    f"than {short} steps ({first['seconds']:.1f} s): start-up noise swamps the "
+                    "extra steps; give --steps a larger LONG"
+                )
             rate = (long - short) * args.global_batch / (second["seconds"] - first["seconds"])
             baseline = baseline or rate
             rows.append([workers, args.global_batch, first["seconds"], second["seconds"], rate,
