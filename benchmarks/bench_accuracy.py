@@ -54,8 +54,8 @@ process. `--small` takes 1 to 2 minutes. With `--redraw` (native sampler) the CN
 22 to 29 CPU seconds per epoch with two processes on the 2 cores (15 epochs: 334-436, in
 benchmarks/results/three_options_r and equivariance_r), and 75 when five processes shared them
 (benchmarks/results/redraw: CNN 1,110-1,140, each one-pass ST-CNN 690-920); drawing an epoch's
-distortions takes 4 to 9 CPU seconds (R and RTS about 5, E the most). The longer recipe above fits for 10,700 CPU
-seconds in all, about 1.5 hours with `--jobs 2` on an idle 2-core machine.
+distortions takes 4 to 9 CPU seconds (R and RTS about 5, E the most). The longer recipe above
+fits for 10,700 CPU seconds in all, about 1.5 hours with `--jobs 2` on an idle 2-core machine.
 `--full-resolution-localization` doubles an ST-CNN's cost (15 epochs, sharing the cores:
 1,860-2,010 CPU seconds); `--st-iterations 2` makes it about 1.5 times (1,230-1,370 CPU
 seconds). Both with `--localization-hidden-units 50`: 980-1,170 CPU seconds per ST-CNN against

@@ -6,7 +6,10 @@ loads the SavedModel with `tf.saved_model.load` and sends a canned request of en
 serving signature must bring any of them to the model's size) through ``serving_default``; the
 answer must have ``probabilities`` [3, K] float32 rows summing to 1 and ``classes`` [3] int64
 equal to their argmax, and ``rectify`` must answer too. The result is an ``InfraBlessing``
-artifact (custom property ``blessed`` 1 or 0, ``reason`` in words) that the Pusher requires.
+artifact (custom property ``blessed`` 1 or 0, ``reason`` in words) that the Pusher requires,
+and an ``approval``: a ``ModelBlessing`` of the model (``blessed`` 1 when the Evaluator blessed
+it and the check passed, ``current_model_id``), from which the next run's Resolver takes its
+baseline, so a model that was never pushed is never a baseline.
 
 Why not TFX's InfraValidator: it starts a ``tensorflow_model_server`` binary (or a Docker
 image of it), and neither exists on these machines. A model the Evaluator did not bless is
@@ -30,27 +33,34 @@ def ModelCheck(
     model: InputArtifact[Model],
     model_blessing: InputArtifact[ModelBlessing],
     infra_blessing: OutputArtifact[InfraBlessing],
+    approval: OutputArtifact[ModelBlessing],
     timeout_s: Parameter[int] = 300,
 ):
     """Loads the blessed model in a fresh process and queries ``serving_default``."""
     from tfx.components.util import model_utils
     from tfx.utils import path_utils
 
-    if not model_utils.is_model_blessed(model_blessing):
-        _record(infra_blessing, False, "not checked: the Evaluator did not bless the model")
-        return
-    model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
-    passed, reason = check_in_fresh_process(model_dir, timeout_s)
-    _record(infra_blessing, passed, reason)
+    if model_utils.is_model_blessed(model_blessing):
+        model_dir = path_utils.serving_model_path(
+            model.uri, path_utils.is_old_model_artifact(model)
+        )
+        passed, reason = check_in_fresh_process(model_dir, timeout_s)
+    else:
+        passed, reason = False, "not checked: the Evaluator did not bless the model"
+    _record(infra_blessing, passed, reason, "INFRA_BLESSED", "INFRA_NOT_BLESSED")
+    _record(approval, passed, reason, "BLESSED", "NOT_BLESSED")
+    approval.set_int_custom_property("current_model_id", model.id)
 
 
-def _record(infra_blessing, passed, reason):
-    infra_blessing.set_int_custom_property("blessed", int(passed))
-    infra_blessing.set_string_custom_property("reason", reason)
-    os.makedirs(infra_blessing.uri, exist_ok=True)
-    marker = "INFRA_BLESSED" if passed else "INFRA_NOT_BLESSED"
-    with open(os.path.join(infra_blessing.uri, marker), "w") as handle:
-        handle.write(reason + "\n")
+def _record(blessing, passed, reason, blessed_marker, not_blessed_marker):
+    """Set `blessing`'s ``blessed`` and ``reason`` and write its marker file, as TFX does."""
+    blessing.set_int_custom_property("blessed", int(passed))
+    blessing.set_string_custom_property("reason", reason)
+    os.makedirs(blessing.uri, exist_ok=True)
+    with open(
+        os.path.join(blessing.uri, blessed_marker if passed else not_blessed_marker), "w"
+    ) as f:
+        f.write(reason + "\n")
 
 
 def check_in_fresh_process(model_dir, timeout_s=300):

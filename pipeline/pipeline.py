@@ -1,7 +1,7 @@
 """The TFX pipeline: ingest, validate, train, evaluate against the last blessed model, push.
 
     ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
-      -> Trainer -> Resolver (latest blessed model) -> Evaluator -> ModelCheck -> Pusher
+      -> Trainer -> Resolver (latest approved model) -> Evaluator -> ModelCheck -> Pusher
 
 With `span_window` K > 1, ImageExampleGen ingests spans N-K+1..N as one Examples artifact, so
 the gate validates everything the Trainer trains on and the Evaluator evaluates on the eval
@@ -24,6 +24,7 @@ EXAMPLES_SIGNATURE = "serving_examples"  # stn_model.serving.EXAMPLES_SIGNATURE
 LABEL_KEY = "label"
 SLICE_FEATURES = ("label", "variant")
 ACCURACY_METRIC = "sparse_categorical_accuracy"
+MODEL_CHECK_ID = "ModelCheck"
 
 
 # TFMA computes accuracy in float32: 900/1000 is 0.89999998, and 960/1000 - 970/1000 is
@@ -125,10 +126,16 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
     trainer = _trainer(config, example_gen.outputs["examples"])
     trainer.add_upstream_node(validation.gate)
 
+    # The baseline: the newest model that ModelCheck approved (blessed, and it served a
+    # request), not merely the Evaluator's newest blessed one, which may never have been pushed.
     baseline = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        model_blessing=tfx.dsl.Channel(
+            type=tfx.types.standard_artifacts.ModelBlessing,
+            producer_component_id=MODEL_CHECK_ID,
+            output_key="approval",
+        ),
     ).with_id("latest_blessed_model_resolver")
 
     evaluator = tfx.components.Evaluator(
@@ -142,7 +149,7 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         timeout_s=config.model_check_timeout_s,
-    )
+    ).with_id(MODEL_CHECK_ID)
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],

@@ -157,6 +157,26 @@ def test_second_run_reuses_cached_components(runs):
     assert "ImageExampleGen cached in" in runs["second"].stdout
 
 
+@pytest.mark.slow
+def test_a_model_the_check_refused_is_never_the_next_runs_baseline(tmp_path):
+    data, home = tmp_path / "data", tmp_path / "home"
+    spans.write_span(data, span=1, copies=1, per_class=3, report=lambda line: None)
+    common = ["--home", str(home), "--data-root", str(data), "--train-steps", "2"]
+    config = tmp_path / "c.yaml"
+    config.write_text("accuracy_floor: 0.0\nmodel_check_timeout_s: 1\n")  # it cannot load in 1 s
+    refused = stn_run(*common, "--config", str(config))
+    assert refused.returncode == 0, refused.stderr
+    assert "model: BLESSED" in refused.stdout
+    assert (
+        "not pushed: the model check failed: the model did not answer within 1 s" in refused.stdout
+    )
+    config.write_text("accuracy_floor: 0.0\n")
+    second = stn_run(*common, "--config", str(config))
+    assert second.returncode == 0, second.stderr
+    assert "first model: no baseline yet" in second.stdout  # not the refused model
+    assert "push: " in second.stdout and "not pushed" not in second.stdout
+
+
 def test_failing_component_exits_non_zero_with_its_error(tmp_path):
     empty = tmp_path / "no-spans"
     empty.mkdir()
