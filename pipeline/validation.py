@@ -1,21 +1,51 @@
 """The validation part of the pipeline: statistics, schema, ExampleValidator and the gate.
 
-    examples -> StatisticsGen (image-aware) -> ImportSchemaGen (curated) or SchemaGen (inferred)
+    examples -> StatisticsGen (image-aware) -> ImportSchemaGen (curated: CuratedSchemaGen)
+             or SchemaGen (inferred)
              -> ExampleValidator -> AnomalyGate
 
 The trainer must depend on the gate: `trainer.add_upstream_node(nodes.gate)`.
 """
 
 import dataclasses
+import hashlib
 from pathlib import Path
+from typing import ClassVar
 
 import tensorflow_data_validation as tfdv
+from tfx import types
 from tfx.components import ExampleValidator, SchemaGen, StatisticsGen
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
+from tfx.dsl.components.base import base_component
+from tfx.types import standard_artifacts
+from tfx.types.component_spec import ExecutionParameter
+from tfx.types.standard_component_specs import ImportSchemaGenSpec
 
 from components.gate import AnomalyGate
 
 SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
+
+
+class _CuratedSchemaSpec(ImportSchemaGenSpec):
+    PARAMETERS: ClassVar = {
+        **ImportSchemaGenSpec.PARAMETERS,
+        "schema_sha256": ExecutionParameter(type=str),
+    }
+
+
+class CuratedSchemaGen(ImportSchemaGen):
+    """ImportSchemaGen whose cache key holds the schema's content, not only its path: an edited
+    schema is imported again, so new spans are checked against it."""
+
+    SPEC_CLASS = _CuratedSchemaSpec
+
+    def __init__(self, schema_file):
+        spec = _CuratedSchemaSpec(
+            schema_file=str(schema_file),
+            schema_sha256=hashlib.sha256(Path(schema_file).read_bytes()).hexdigest(),
+            schema=types.Channel(type=standard_artifacts.Schema),
+        )
+        base_component.BaseComponent.__init__(self, spec=spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +78,7 @@ def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False):
     if infer_schema:
         schema_gen = SchemaGen(statistics=statistics_gen.outputs["statistics"])
     else:
-        schema_gen = ImportSchemaGen(schema_file=str(schema_file))
+        schema_gen = CuratedSchemaGen(schema_file).with_id("ImportSchemaGen")
     example_validator = ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 from test_image_example_gen import (
+    CACHED,
     COMPLETE,
     artifact_of,
     metadata_config,
@@ -68,6 +69,23 @@ def test_a_clean_span_has_no_anomalies(clean_run):
         path = f"{anomalies.uri}/Split-{split}/SchemaDiff.pb"
         with open(path, "rb") as handle:
             assert anomaly_problems(anomalies_pb2.Anomalies.FromString(handle.read()), split) == []
+
+
+def test_an_edited_schema_is_imported_again_in_a_cached_run(tmp_path):
+    schema_file = tmp_path / "schema.pbtxt"
+    schema_file.write_text(SCHEMA_FILE.read_text())
+    write_test_span(tmp_path / "data", labels={"train": [1, 2, 3], "eval": [3]})
+
+    def run():
+        example_gen = ImageExampleGen(input_base=str(tmp_path / "data"))
+        schema_gen = build_validation(example_gen.outputs["examples"], schema_file).schema_gen
+        config = run_pipeline(tmp_path, [example_gen, schema_gen], enable_cache=True)
+        return node_states(config)["ImportSchemaGen"][0]  # the newest first
+
+    assert run() == COMPLETE
+    assert run() == CACHED
+    schema_file.write_text(SCHEMA_FILE.read_text().replace("max: 9", "max: 3"))
+    assert run() == COMPLETE
 
 
 @pytest.mark.slow
