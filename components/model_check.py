@@ -65,7 +65,8 @@ def _record(blessing, passed, reason, blessed_marker, not_blessed_marker):
 
 def check_in_fresh_process(model_dir, timeout_s=300):
     """(passed, reason): load `model_dir` in a new Python process and send the canned request."""
-    command = [sys.executable, "-m", "components.model_check", model_dir]
+    # -P: the installed `components`, not one in the directory the pipeline runs in.
+    command = [sys.executable, "-P", "-m", "components.model_check", model_dir]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     try:
         done = subprocess.run(

@@ -144,7 +144,8 @@ def run_group(spec_path: str, num_workers: int, worker_module: str = WORKER_MODU
     raises (SystemExit included)."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_loopback_ports(num_workers))
     log.info("[launcher] cluster: %s", hosts)
-    base = [sys.executable, "-m", worker_module, spec_path, "--cluster", hosts]
+    # -P: the installed worker module, not one in the directory the trainer runs in.
+    base = [sys.executable, "-P", "-m", worker_module, spec_path, "--cluster", hosts]
     env = _worker_env()
     workers = [_Worker(i, [*base, "--index", str(i)], env) for i in range(num_workers)]
     try:

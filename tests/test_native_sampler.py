@@ -222,6 +222,29 @@ def test_a_missing_or_broken_library_warns_once(tmp_path, caplog):
     assert all(BUILD_COMMAND in message for message in messages)
 
 
+@pytest.mark.slow
+def test_the_build_replaces_a_library_that_does_not_load_only_when_forced(tmp_path, monkeypatch):
+    from stn_model.native import build
+
+    source = tmp_path / build.SOURCE.name
+    source.write_bytes(build.SOURCE.read_bytes())
+    monkeypatch.setattr(build, "SOURCE", source)
+    build.library_path.cache_clear()
+    try:
+        target = build.library_path()
+        target.write_bytes(b"cut short")  # the right name, but it does not load
+        assert build.main([]) == 0 and target.read_bytes() == b"cut short"
+        assert build.main(["--force"]) == 0
+        # In a fresh process: this one has the package's library, whose ops are registered.
+        check = "import sys, tensorflow as tf; tf.load_op_library(sys.argv[1]).stn_bilinear_sample"
+        loaded = subprocess.run(
+            [sys.executable, "-c", check, str(target)], capture_output=True, text=True, timeout=120
+        )
+        assert loaded.returncode == 0, loaded.stderr
+    finally:
+        build.library_path.cache_clear()
+
+
 SERVE_IN_A_FRESH_PROCESS = """
 import io, sys
 import numpy as np

@@ -1,4 +1,8 @@
-"""Builds the native sampler library: `python -m stn_model.native.build` (or run this file).
+"""Builds the native sampler library: `python -P -m stn_model.native.build` (or run this file).
+
+`-P` keeps the current directory off the import path, so the build lands next to the installed
+package, not next to a checkout the command happens to run in. `--force` builds even when a
+library of the right name exists (one that does not load: copied from another machine, cut).
 
 The library lands next to its source, named after a hash of the source, the compiler flags and
 the TensorFlow version, so a change to any of them builds a new one (older ones are removed);
@@ -6,6 +10,7 @@ when it is up to date nothing is built. This file imports only the standard libr
 compiles, so the up-to-date check is fast when run as a file.
 """
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -19,7 +24,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("bilinear_sampler.cc")
 PREFIX = "_bilinear_sampler_"
 FLAGS = ["-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG"]
-BUILD_COMMAND = "python -m stn_model.native.build"
+BUILD_COMMAND = "python -P -m stn_model.native.build --force"
 
 
 @functools.cache
@@ -33,10 +38,10 @@ def library_path():
     return SOURCE.with_name(f"{PREFIX}{digest.hexdigest()[:16]}.so")
 
 
-def build():
-    """Compiles the library unless it is up to date; -> its path."""
+def build(force=False):
+    """Compiles the library unless it is up to date (or `force`); -> its path."""
     target = library_path()
-    if target.exists():
+    if target.exists() and not force:
         return target
     print(f"native sampler: building {target.name} (about 20 s)", file=sys.stderr)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -61,10 +66,13 @@ def build():
     return target
 
 
-def main():
-    up_to_date = library_path().exists()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the native sampler library.")
+    parser.add_argument("--force", action="store_true", help="build even if it looks up to date")
+    force = parser.parse_args(argv).force
+    up_to_date = library_path().exists() and not force
     try:
-        path = build()
+        path = build(force)
     except (OSError, subprocess.CalledProcessError) as error:
         print(f"native sampler: build failed ({error})", file=sys.stderr)
         return 1
