@@ -6,7 +6,7 @@ CONFIG_YAML is the text of a config file (the package's `config_yaml` parameter,
 Kubeflow UI lets a run change; its home defaults to /stn/home, as `compile`'s does). The step
 polls the config's data root once: a new span is trained on, evaluated and pushed if blessed;
 no new span, no run. The exit status is `watch`'s (0 done or nothing to do, 1 the run failed,
-2 a bad config or state file, 3 another watcher holds the home).
+2 a bad config or state file, 3 another run or watcher holds the home).
 """
 
 import os

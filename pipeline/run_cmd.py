@@ -111,21 +111,28 @@ def _listdir(path):
 
 
 def run(args):
+    from pipeline import watcher
+
     def report(line):
         print(line, flush=True)
 
     try:
         config = config_from_args(args)
         ensure_data(config, report)
+        os.makedirs(config.home_dir, exist_ok=True)
+        # One run or watcher per home: two would race on ML Metadata and on serving/.
+        with watcher.exclusive_lock(os.path.join(config.home_dir, watcher.LOCK_FILE)):
+            verbose = getattr(args, "verbose", False)
+            if not verbose:
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+            with contextlib.nullcontext() if verbose else quiet_libraries():
+                return _run_pipeline(config, report)
     except ValueError as error:
         print(f"stn-pipeline run: {error}", file=sys.stderr)
         return 2
-
-    verbose = getattr(args, "verbose", False)
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-    with contextlib.nullcontext() if verbose else quiet_libraries():
-        return _run_pipeline(config, report)
+    except watcher.WatcherBusy as error:
+        print(f"stn-pipeline run: {error}", file=sys.stderr)
+        return watcher.EXIT_BUSY
 
 
 def _run_pipeline(config, report):

@@ -17,8 +17,6 @@ import sys
 from pipeline import run_cmd
 from pipeline.configs import check_directory
 
-EXIT_BUSY = 3
-
 
 def _seconds(text):
     """--interval: a finite number of seconds > 0."""
@@ -84,7 +82,7 @@ def run(args):
             watch.watch(interval_s=args.interval, once=args.once)
     except watcher.WatcherBusy as error:
         print(f"stn-pipeline watch: {error}", file=sys.stderr)
-        return EXIT_BUSY
+        return watcher.EXIT_BUSY
     except watcher.WatchStateError as error:
         print(f"stn-pipeline watch: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from pipeline.summary import served_versions
 
 STATE_FILE = "watch_state.json"
 LOCK_FILE = "watch.lock"
+EXIT_BUSY = 3  # the exit status of `run` and `watch` while another one holds the home
 _SPAN_FOLDER = re.compile(r"span-([1-9][0-9]*)")
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def exclusive_lock(path):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise WatcherBusy(
-                f"another watcher (pid {holder}) holds {path}; one watcher per home at a time"
+                f"another run or watcher (pid {holder}) holds {path}; one per home at a time"
             ) from None
         handle.seek(0)
         handle.truncate()

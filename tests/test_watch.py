@@ -205,8 +205,18 @@ def test_watch_command_exits_with_a_message_while_another_watcher_runs(setup, ca
     with watcher.exclusive_lock(str(home / watcher.LOCK_FILE)):
         argv = ["watch", "--once", "--home", str(home), "--data-root", str(data)]
         assert cli.main(argv) == 3
-    assert "another watcher" in capsys.readouterr().err
+    assert "another run or watcher" in capsys.readouterr().err
     assert not (home / watcher.STATE_FILE).exists()
+
+
+def test_run_command_exits_3_while_a_watcher_holds_the_home(setup, capsys):
+    home, data, _, _, _ = setup
+    _span(data, 1)
+    os.makedirs(home, exist_ok=True)
+    with watcher.exclusive_lock(str(home / watcher.LOCK_FILE)):
+        assert cli.main(["run", "--home", str(home), "--data-root", str(data)]) == 3
+    assert f"another run or watcher (pid {os.getpid()}) holds" in capsys.readouterr().err
+    assert not (home / "metadata.sqlite").exists()  # nothing ran
 
 
 @pytest.mark.parametrize(
