@@ -370,7 +370,7 @@ def _blessing_section(results):
             f"{_number(overall['baseline'])}</p>"
         )
     else:
-        baseline = _note("no baseline: no earlier blessed model to compare with")
+        baseline = _note("no baseline: no model approved (blessed and checked) before this one")
     return f"<h2>Blessing</h2><p class='{style}'>{verdict}</p><ul>{reasons}</ul>{baseline}"
 
 

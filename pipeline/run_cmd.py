@@ -85,8 +85,9 @@ def config_from_args(args):
     )
 
 
-def ensure_data(config, report):
-    """Make the default data set under ``<home>/data`` unless a data root already has spans."""
+def ensure_data(config, report, write=True):
+    """Make the default data set under ``<home>/data`` unless a data root already has spans;
+    with `write` False, only check the paths and settings that needs (ValueError if one is bad)."""
     from pipeline import distorted_mnist, spans
 
     check_directory(config.home_dir, "--home")
@@ -100,6 +101,8 @@ def ensure_data(config, report):
         distorted_mnist.check_canvas(config.image_size)
     except ValueError as error:
         raise ValueError(f"config field 'image_size' (the default data's {error})") from None
+    if not write:
+        return
     report(f"making the default data set under {config.data_dir}")
     spans.write_span(
         config.data_dir, span=1, canvas=config.image_size, report=lambda line: report("  " + line)
@@ -118,10 +121,11 @@ def run(args):
 
     try:
         config = config_from_args(args)
-        ensure_data(config, report)
+        ensure_data(config, report, write=False)  # a bad path fails here, before any write
         os.makedirs(config.home_dir, exist_ok=True)
-        # One run or watcher per home: two would race on ML Metadata and on serving/.
+        # One run or watcher per home: two would race on the data, ML Metadata and serving/.
         with watcher.exclusive_lock(os.path.join(config.home_dir, watcher.LOCK_FILE)):
+            ensure_data(config, report)
             verbose = getattr(args, "verbose", False)
             if not verbose:
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads

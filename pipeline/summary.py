@@ -301,7 +301,7 @@ def _why(nodes):
     rule = (
         f"{floor} and at most {regression_tolerance:g} below the baseline"
         if has_baseline
-        else f"{floor} (first model: no baseline yet)"
+        else f"{floor} (no baseline: no model approved before)"
     )
     result = tfma.load_validation_result(evaluation.uri)
     if result.validation_ok:

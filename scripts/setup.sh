@@ -16,7 +16,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # The stamp covers the checkout's path too: the venv's scripts and editable install hold it.
 stamp=.venv/.installed
-want=$( (pwd; cat pyproject.toml constraints.txt) | sha256sum | cut -d' ' -f1)
+want=$( (pwd -P; cat pyproject.toml constraints.txt) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The environment takes 3.7 GB (TensorFlow, TFX, Beam); pip needs room for the wheels too.
   free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')

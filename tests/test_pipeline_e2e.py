@@ -84,7 +84,7 @@ def runs(tmp_path_factory):
 def test_first_run_is_blessed_and_pushed(runs):
     config, out = runs["config"], runs["first"].stdout
     assert "model: BLESSED" in out
-    assert "first model: no baseline yet" in out
+    assert "no baseline: no model approved before" in out
     cut_short = runs["data"] / "span-1" / "train" / "3" / "cut-short.png"
     assert "skipped: 1 bad input(s) (max_bad_files allows it)" in out
     assert f"  - {cut_short} is not a decodable PNG image" in out
@@ -173,7 +173,7 @@ def test_a_model_the_check_refused_is_never_the_next_runs_baseline(tmp_path):
     config.write_text("accuracy_floor: 0.0\n")
     second = stn_run(*common, "--config", str(config))
     assert second.returncode == 0, second.stderr
-    assert "first model: no baseline yet" in second.stdout  # not the refused model
+    assert "no baseline: no model approved before" in second.stdout  # not the refused one
     assert "push: " in second.stdout and "not pushed" not in second.stdout
 
 

@@ -215,8 +215,9 @@ def test_run_command_exits_3_while_a_watcher_holds_the_home(setup, capsys):
     os.makedirs(home, exist_ok=True)
     with watcher.exclusive_lock(str(home / watcher.LOCK_FILE)):
         assert cli.main(["run", "--home", str(home), "--data-root", str(data)]) == 3
+        assert cli.main(["run", "--home", str(home)]) == 3  # would make the default data
     assert f"another run or watcher (pid {os.getpid()}) holds" in capsys.readouterr().err
-    assert not (home / "metadata.sqlite").exists()  # nothing ran
+    assert not (home / "metadata.sqlite").exists() and not (home / "data").exists()
 
 
 @pytest.mark.parametrize(
