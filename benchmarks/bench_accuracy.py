@@ -95,8 +95,8 @@ VARIANTS = ("r", "rts", "p", "e")
 TABLE_MODELS = tuple(m for m in MODEL_NAMES if m != "st_cnn_similarity")  # the full run's six
 MODELS = (*TABLE_MODELS, "st_cnn_similarity")
 ST_CNN_MODELS = tuple(m for m in MODELS if m.startswith("st_cnn"))
-# Jaderberg et al. 2015, Table 1 (left), % test error, as the project's notes on it give them
-# (../shared/STACK.md: CNN, FCN, affine and TPS only); the paper has no similarity ST-CNN.
+# Jaderberg et al. 2015, Table 1 (left), % test error: the CNN's, FCN's and the affine and TPS
+# transformers' figures (those the project took from it); the paper has no similarity ST-CNN.
 PAPER_ERROR = {
     "cnn": {"r": 1.2, "rts": 0.8, "p": 1.5, "e": 1.4},
     "st_cnn_affine": {"r": 0.7, "rts": 0.5, "p": 0.8, "e": 1.2},

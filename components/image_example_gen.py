@@ -63,7 +63,6 @@ SPANS_PROPERTY = "spans"
 _REJECTED = "rejected"
 _REJECTS_DIR_KEY = "_rejects_dir"
 _SPAN_PATTERNS_KEY = "_span_patterns"
-_MAX_INT64 = 2**63 - 1
 _RECORD_FRAMING = 16  # a TFRecord: 8-byte length, 4-byte CRC, the data, 4-byte CRC
 
 
@@ -533,7 +532,7 @@ class _Driver(driver.FileBasedDriver):
             resolved = super().resolve_exec_properties(
                 exec_properties, pipeline_info, component_info
             )
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # a ValueError too, but resolve_exec_properties names it
             raise
         except ValueError as error:
             splits = _input_config(exec_properties).splits
@@ -554,7 +553,7 @@ class _Driver(driver.FileBasedDriver):
 def _check_span(exec_properties):
     """Raise ValueError naming the resolved span's files if ML Metadata cannot record it."""
     span = exec_properties[example_gen_utils.SPAN_PROPERTY_NAME]
-    if span > _MAX_INT64:
+    if span > image_listing.MAX_INT64:
         input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
         splits = _input_config(exec_properties).splits
         files = ", ".join(os.path.join(input_base, split.pattern) for split in splits)

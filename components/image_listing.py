@@ -22,7 +22,7 @@ MANIFEST = "manifest.csv"
 UNKNOWN_VARIANT = "unknown"
 NO_DISTORTION = "{}"
 _CLASS_FOLDER = re.compile(r"[0-9]+")
-_MAX_LABEL = 2**63 - 1  # a tf.Example int64
+MAX_INT64 = 2**63 - 1  # the largest label a tf.Example holds, and span ML Metadata records
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)", re.DOTALL)
 
 
@@ -82,7 +82,7 @@ def _image_source(path, tables, labels_file):
     if not _CLASS_FOLDER.fullmatch(label_text):
         problem = f"{origin} {label_text!r} is not a class index (a non-negative integer)"
         return ImageSource(path, None, variant, distortion, problem)
-    if int(label_text) > _MAX_LABEL:
+    if int(label_text) > MAX_INT64:
         problem = f"{origin} {label_text!r} is above 2**63-1, the largest int64 label"
         return ImageSource(path, None, variant, distortion, problem)
     return ImageSource(path, int(label_text), variant, distortion)

@@ -42,7 +42,7 @@ _CRON_FIELDS = (
     ("month", 1, 12, {name: number for number, name in enumerate(_MONTHS, 1)}),
     ("weekday", 0, 6, {name: number for number, name in enumerate(_WEEKDAYS)}),
 )
-_CRON_PART = re.compile(r"(?:[*?]|(\w+)(?:-(\w+))?)(?:/([0-9]+))?")
+_CRON_PART = re.compile(r"(?:[*?]|(\w+)(?:-(\w+))?)(?:/([0-9]+))?", re.ASCII)
 
 
 def kfp_cron(expression):

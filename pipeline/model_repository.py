@@ -117,7 +117,7 @@ class ModelRepository:
         self._poll_lock = threading.Lock()
 
     def served(self):
-        """The `LoadedVersion` that answers requests now, or None before any version loaded."""
+        """The `LoadedVersion` that answers requests now, or None when none is served."""
         return self._served
 
     def statuses(self):

@@ -1,4 +1,4 @@
-"""The TFX pipeline: ingest, validate, train, evaluate against the last blessed model, push.
+"""The TFX pipeline: ingest, validate, train, evaluate against the last approved model, push.
 
     ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
       -> Trainer -> Resolver (latest approved model) -> Evaluator -> ModelCheck -> Pusher

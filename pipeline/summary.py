@@ -346,7 +346,8 @@ def served_versions(serving_dir):
     """The version folders under `serving_dir`, oldest first."""
     if not os.path.isdir(serving_dir):
         return []
-    return sorted((name for name in os.listdir(serving_dir) if name.isdigit()), key=int)
+    names = (name for name in os.listdir(serving_dir) if name.isascii() and name.isdigit())
+    return sorted(names, key=int)  # ASCII digits only, as TF Serving (and `serve`) read them
 
 
 def format_report(report):

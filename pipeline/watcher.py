@@ -14,8 +14,8 @@ the spans recorded as trained on are those its ImageExampleGen ingested.
 Restart-safe: the spans trained on are recorded in ``<home>/watch_state.json``, written
 atomically (temp file + rename) only after a run finished, so a crash mid-run retrains that
 span on the next poll and never twice after success; serving changes only through the
-pipeline's Pusher, which pushes blessed models only. One watcher per home: an exclusive
-``fcntl.flock`` on ``<home>/watch.lock``, held while the watcher lives.
+pipeline's Pusher, which pushes blessed models only. One run or watcher per home: an exclusive
+``fcntl.flock`` on ``<home>/watch.lock``, held while the watcher lives (`run` takes it too).
 """
 
 import contextlib
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class WatcherBusy(RuntimeError):
-    """Another watcher holds the lock of this home."""
+    """Another run or watcher holds the lock of this home."""
 
 
 @dataclasses.dataclass(frozen=True)

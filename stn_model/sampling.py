@@ -1,7 +1,7 @@
 """Bilinear sampling of NHWC images at normalized grid coordinates (PyTorch's grid_sample).
 
 Two implementations of one meaning. On CPU, `bilinear_sample` runs the native ops of
-`stn_model.native` (bilinear_sampler.cc, forward and backward, built by `python -m
+`stn_model.native` (bilinear_sampler.cc, forward and backward, built by `python -P -m
 stn_model.native.build`). It falls back to the pure-TF path when the library is not built or
 `STN_NATIVE_SAMPLER=0`, when a GPU is visible, inside XLA compilation (jit_compile=True), and
 while a SavedModel is traced (`tf.saved_model.save`, or the `portable_ops()` scope): TF Serving

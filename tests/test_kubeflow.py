@@ -640,6 +640,20 @@ def test_schedule_names_the_cron_field_kfp_would_refuse(kfp_server, package, cro
     assert kfp_server.recurring_runs == {}
 
 
+def test_schedule_refuses_digits_that_are_not_ascii(capsys):
+    from pipeline.kfp_schedule import kfp_cron
+
+    for cron in ("\u00b2 3 * * *", "0 3 * * \u0663"):
+        with pytest.raises(ValueError, match="is not \\*, a value"):
+            kfp_cron(cron)
+
+
+def test_two_uploads_in_one_second_get_two_version_names(package):
+    from pipeline.kfp_schedule import _version_name
+
+    assert _version_name(package) != _version_name(package)
+
+
 @pytest.mark.parametrize("cron", ["*/15 * * * *", "0 3 * * mon-fri", "0 0 3 ? 1,6 *"])
 def test_schedule_takes_ranges_steps_lists_and_names(cron):
     from pipeline.kfp_schedule import kfp_cron

@@ -260,6 +260,17 @@ def test_workers_that_ignore_sigterm_are_stopped_together(tmp_path, monkeypatch,
     assert sum("ignored SIGTERM; killing it" in line for line in launcher_log) == 2
 
 
+def test_workers_run_the_installed_module_not_one_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "components").mkdir()
+    (tmp_path / "components" / "__init__.py").write_text("")
+    (tmp_path / "components" / "multiworker_worker.py").write_text(
+        "import sys\nprint('the decoy ran', file=sys.stderr)\nsys.exit(3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    failure = worker_launcher.run_group(str(tmp_path / "no-spec.json"), 1)
+    assert "decoy" not in failure and "cannot read the worker spec" in failure
+
+
 STAND_IN_WORKER = """
 import time
 print("ready", flush=True)
