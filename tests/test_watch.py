@@ -271,6 +271,14 @@ def test_watch_command_rejects_bad_arguments(tmp_path, capsys):
     assert "--window must be >= 1" in capsys.readouterr().err
 
 
+def test_served_versions_are_folders_of_ascii_digits_in_numeric_order(tmp_path):
+    from pipeline.summary import served_versions
+
+    for name in ("10", "9", "\u00b2", "latest", ".incoming-11"):
+        (tmp_path / name).mkdir()
+    assert served_versions(str(tmp_path)) == ["9", "10"]
+
+
 def test_run_config_carries_the_span_window_and_warm_start():
     from pipeline.configs import load_config
 
