@@ -333,6 +333,8 @@ def _push_note(nodes, config):
         why = "the Evaluator did not bless the model"
     elif check is not None and _prop(check, "blessed") != 1:
         why = f"the model check failed: {_prop(check, 'reason', '')}"
+    elif any(node.state in ("NEW", "RUNNING") for node in nodes.values()):
+        why = "the run is still going (report it again when it ends)"
     elif nodes.get("Pusher") is None:
         why = "the pipeline stopped before the Pusher"
     else:

@@ -116,7 +116,7 @@ class WatchState:
             with open(self.path) as handle:
                 runs = json.load(handle)["runs"]
             problem = _runs_problem(runs)
-        except (ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:  # unreadable, or not ours
             problem = f"{type(error).__name__}: {error}"
         if problem:
             raise WatchStateError(

@@ -193,6 +193,21 @@ def test_training_curves_come_from_the_epoch_scalars_of_the_event_files(tmp_path
 
 
 @pytest.mark.parametrize(
+    ("states", "words"),
+    [
+        ({"Trainer": "RUNNING"}, "the run is still going (report it again when it ends)"),
+        ({"Trainer": "COMPLETE", "Evaluator": "FAILED"}, "the pipeline stopped before the Pusher"),
+    ],
+)
+def test_a_run_that_has_not_reached_the_pusher_says_whether_it_is_still_going(
+    tmp_path, states, words
+):
+    nodes = {name: summary.NodeRun(name, state, 1.0, {}) for name, state in states.items()}
+    config = load_config(None, {}, home=str(tmp_path))  # nothing under its serving/
+    assert summary._push_note(nodes, config) == f"not pushed: {words}; nothing is served yet"
+
+
+@pytest.mark.parametrize(
     ("run_id", "folder"),
     [("2026-11-25T14:48:35.123456", "2026-11-25T14-48-35.123456"), ("../x/y", "x-y")],
 )

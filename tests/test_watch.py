@@ -300,13 +300,17 @@ def test_run_config_carries_the_span_window_and_warm_start():
         ('{"runs": [1]}', "run 0 has no 'spans' list of span numbers >= 1: 1"),
         ('{"runs": [{"span": [1]}]}', "run 0 has no 'spans' list"),
         ('{"runs": [{"spans": [1]}, {"spans": ["a"]}]}', "run 1 has no 'spans' list"),
+        (None, "IsADirectoryError"),  # a folder in its place: unreadable
     ],
 )
 def test_a_corrupt_state_file_stops_the_watcher_naming_it(setup, text, problem):
     home, data, _, stand_in, make_watcher = setup
     _span(data, 1)
     os.makedirs(home, exist_ok=True)
-    (home / watcher.STATE_FILE).write_text(text)
+    if text is None:
+        (home / watcher.STATE_FILE).mkdir()
+    else:
+        (home / watcher.STATE_FILE).write_text(text)
     message = rf"watch_state\.json is not a watcher's state file: {re.escape(problem)}"
     with pytest.raises(watcher.WatchStateError, match=message):
         make_watcher().watch(once=False, sleep=lambda s: pytest.fail("the watcher went on"))
