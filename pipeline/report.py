@@ -15,7 +15,6 @@ inline CSS, only relative links to files inside the folder.
 import dataclasses
 import glob
 import html
-import io
 import os
 import re
 
@@ -120,7 +119,7 @@ def _samples(nodes):
             VariantSamples(
                 variant=variant,
                 labels=[label for label, _ in items],
-                inputs=np.stack([_decode_png(image) for image in encoded]),
+                inputs=np.stack([_decode(image) for image in encoded]),
                 rectified=outputs["rectified"].numpy()[..., 0],
                 grids=outputs["grid"].numpy() if "grid" in outputs else None,
             )
@@ -175,12 +174,14 @@ def pick_samples(examples, count):
     return picked
 
 
-def _decode_png(encoded):
-    """An encoded image -> float [H, W] in [0, 1] (grayscale)."""
-    from PIL import Image
+def _decode(encoded):
+    """An encoded image -> float [H, W] in [0, 1], decoded as the model decodes its input."""
+    import tensorflow as tf
 
-    with Image.open(io.BytesIO(encoded)) as image:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    from stn_model.serving import decode_image
+
+    size = tf.io.decode_image(encoded, expand_animations=False).shape[:2]
+    return decode_image(tf.constant(encoded), size).numpy()[..., 0]
 
 
 def _history(nodes):

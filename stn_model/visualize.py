@@ -200,7 +200,8 @@ def _grid_lines(grid):
 
 
 def _images(images, argument):
-    """images as float [N, H, W] or [N, H, W, 3]; ValueError on any other shape or if empty."""
+    """images as float [N, H, W] or [N, H, W, 3] in [0, 1] (integers are bytes, 0 to 255);
+    ValueError on any other shape or if empty."""
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
@@ -209,7 +210,7 @@ def _images(images, argument):
             f"{argument} must have shape [N, H, W] or [N, H, W, 1 or 3] with N >= 1, "
             f"got {images.shape}"
         )
-    return images.astype(float)
+    return images / 255.0 if np.issubdtype(images.dtype, np.integer) else images.astype(float)
 
 
 def _captions(labels, count):
@@ -229,12 +230,11 @@ def _panels(rows, columns):
 
 
 def _show(ax, image):
-    # A fixed range, so that an all-dark image stays dark: [0, 1] floats or [0, 255] bytes.
-    top = 1.0 if image.max() <= 1.0 else 255.0
+    # A fixed range, so that an all-dark image stays dark; a float32 sample may pass 1 by an ulp.
     if image.ndim == 3:
-        ax.imshow(image / top, interpolation="nearest")
+        ax.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
     else:
-        ax.imshow(image, cmap="gray", vmin=0.0, vmax=top, interpolation="nearest")
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
 

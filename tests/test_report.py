@@ -192,6 +192,14 @@ def test_training_curves_come_from_the_epoch_scalars_of_the_event_files(tmp_path
     assert str(tmp_path) in note
 
 
+def test_input_pictures_are_decoded_as_the_model_decodes_them():
+    import tensorflow as tf
+
+    pixels = np.array([[0, 32768, 65535]], np.uint16)[..., None]  # a 16-bit grey PNG
+    decoded = report._decode(tf.io.encode_png(pixels).numpy())
+    np.testing.assert_allclose(decoded, [[0.0, 32768 / 65535, 1.0]], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("states", "words"),
     [

@@ -95,6 +95,18 @@ def test_plot_rectification_writes_png(tmp_path, digits):
     assert_png(path)
 
 
+def test_images_show_on_one_scale_bytes_as_255_and_floats_an_ulp_past_1_as_1():
+    import matplotlib.pyplot as plt
+
+    white = np.ones((1, 4, 4), np.float32)
+    white[0, 0, 0] = np.nextafter(np.float32(1), np.float32(2))  # a float32 bilinear sample
+    assert visualize._images(np.full((1, 4, 4), 255, np.uint8), "x").max() == 1.0
+    figure, ax = plt.subplots()
+    visualize._show(ax, visualize._images(white, "x")[0])
+    assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0.0, 1.0)
+    plt.close(figure)
+
+
 def test_plot_sampling_grids_writes_png_and_draws_the_outline(tmp_path):
     # Black inputs: anything red in the picture is the drawn grid outline.
     inputs = np.zeros((3, 42, 42))
