@@ -18,6 +18,7 @@ from components.image_example_gen import ImageExampleGen
 from components.model_check import ModelCheck
 from components.multiworker_trainer import MultiWorkerTrainer
 from pipeline.validation import build_validation
+from stn_model.trainer import training_code_digest
 
 TRAINER_RUN_FN = "stn_model.trainer.run_fn"
 EXAMPLES_SIGNATURE = "serving_examples"  # stn_model.serving.EXAMPLES_SIGNATURE
@@ -105,7 +106,7 @@ def _trainer(config, examples):
         examples=examples,
         train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=config.train_steps or 0),
         eval_args=tfx.proto.EvalArgs(splits=["eval"], num_steps=config.eval_steps or 0),
-        custom_config=config.trainer_custom_config(),
+        custom_config={**config.trainer_custom_config(), "code_digest": training_code_digest()},
     )
     if config.uses_multiworker_trainer:
         return MultiWorkerTrainer(config.multiworker_config(), **trainer_args).with_id("Trainer")

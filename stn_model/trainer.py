@@ -16,9 +16,11 @@ uses the distribution strategy in scope (or the one passed in), reads each worke
 """
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -57,6 +59,7 @@ _OPTION_CHECKS = {
     "equivariance_angle": (lambda v: _is_number(v) and 0 < v <= 180, "a number in (0, 180]"),
     "warm_start_model": (lambda v: v is None or isinstance(v, str), "a SavedModel path or null"),
     "shuffle_buffer": _POSITIVE_INT,
+    "code_digest": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 
 
@@ -80,6 +83,8 @@ class TrainingOptions:
     # Examples come grouped by label (ImageExampleGen reads the label folders in turn), so the
     # buffer must hold the whole train split for batches to mix the classes: up to this many.
     shuffle_buffer: int = 200_000
+    # `training_code_digest()`: unused by training; it keys TFX's cache of the Trainer.
+    code_digest: str | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -98,6 +103,18 @@ class TrainingOptions:
         if unknown:
             raise ValueError(f"custom_config has unknown keys {unknown}; known: {sorted(known)}")
         return cls(**custom_config)
+
+
+def training_code_digest(package_dir=pathlib.Path(__file__).parent):
+    """SHA-256 of the model package's sources (.py and .cc, by relative path and content).
+
+    TFX caches a Trainer on its exec properties, which name `run_fn` by its import path only;
+    with this digest among them, a change to the training code trains again."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package_dir.rglob("*") if p.suffix in (".py", ".cc")):
+        digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def run_fn(fn_args, strategy=None):

@@ -231,6 +231,7 @@ def test_the_model_options_of_a_config_file_reach_the_trainer(tmp_path):
 def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
     from components.multiworker_trainer import MultiWorkerTrainer
     from pipeline.pipeline import create_pipeline
+    from stn_model.trainer import TrainingOptions, training_code_digest
 
     def nodes(**overrides):
         config = load_config(home=str(tmp_path), **overrides)
@@ -241,6 +242,10 @@ def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
 
     plain = nodes()
     assert type(plain["Trainer"]) is not MultiWorkerTrainer
+    # The training code's digest keys the Trainer's cache, and run_fn accepts it.
+    trainer_options = json.loads(plain["Trainer"].exec_properties["custom_config"])
+    assert trainer_options["code_digest"] == training_code_digest()
+    assert TrainingOptions.from_custom_config(trainer_options).model == "st_cnn_affine"
     assert not plain["ImageExampleGen"].exec_properties["range_config"]
     assert "span_window" not in ingest_settings(plain["ImageExampleGen"])
     two = nodes(multiworker={"num_workers": 2}, span=3, span_window=2)

@@ -8,6 +8,8 @@ its input its `rectify` signature must return the input unchanged.
 import io
 import itertools
 import os
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -49,6 +51,22 @@ def test_trainer_defaults_are_the_pipeline_defaults():
     defaults = vars(trainer.TrainingOptions())
     for name, value in PipelineConfig().trainer_custom_config().items():
         assert defaults[name] == value, name
+
+
+def test_the_training_code_digest_follows_the_sources_not_their_location(tmp_path):
+    digest = trainer.training_code_digest()
+    copy = tmp_path / "stn_model"
+    shutil.copytree(pathlib.Path(trainer.__file__).parent, copy)
+    assert trainer.training_code_digest(copy) == digest
+    (copy / "stale.pyc").write_bytes(b"compiled")
+    (copy / "native" / "notes.txt").write_text("not a source")
+    assert trainer.training_code_digest(copy) == digest
+    sampler = copy / "native" / "bilinear_sampler.cc"
+    sampler.write_text(sampler.read_text() + "\n")
+    edited = trainer.training_code_digest(copy)
+    assert edited != digest
+    (copy / "layers.py").rename(copy / "layers_renamed.py")
+    assert trainer.training_code_digest(copy) not in (digest, edited)
 
 
 def test_gray_png_of_the_model_size_decodes_exactly():
@@ -298,6 +316,7 @@ def test_custom_config_errors_name_the_key():
         ("seed", -1),
         ("epochs", 2.0),
         ("model", ""),
+        ("code_digest", 5),
     ],
 )
 def test_custom_config_values_of_the_wrong_type_or_range_are_rejected(key, value):
