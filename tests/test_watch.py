@@ -104,6 +104,9 @@ def test_span_2_gives_exactly_one_more_run_warm_started_and_a_new_served_version
     make_watcher().watch(once=True)
     assert stand_in.requests[1:] == [RunRequest(spans=(2,), warm_start=str(serving / "1"))]
     assert sorted(os.listdir(serving)) == ["1", "2"]
+    os.rename(data / ".span-3.partial", data / "span-3")
+    make_watcher().watch(once=True)  # warm-started from the newest of the served versions
+    assert stand_in.requests[2:] == [RunRequest(spans=(3,), warm_start=str(serving / "2"))]
 
 
 def test_an_unblessed_run_is_recorded_and_serving_keeps_the_old_version(setup):
