@@ -6,6 +6,7 @@ import tensorflow as tf
 import tf_keras as keras
 from scipy import ndimage
 from sklearn.datasets import load_digits
+from test_sampling import MODES, reference_sample
 
 from stn_model import SpatialTransformer, affine_grid, bilinear_sample
 from stn_model.grids import projective_grid, similarity_grid, tps_control_points, tps_grid
@@ -64,6 +65,28 @@ def test_identity_downscale_equals_bilinear_resampling():
         np.testing.assert_allclose(rectified[b, ..., 0], expected, atol=1e-5)
     grid = affine_grid(np.tile(identity_parameters("affine"), (2, 1)), (28, 28))
     np.testing.assert_allclose(rectified, bilinear_sample(x, grid).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("padding_mode", "align_corners"), MODES)
+def test_padding_mode_and_align_corners_reach_the_grid_and_the_sampler(padding_mode, align_corners):
+    # A constant head that zooms out and shifts: edge points read outside the input.
+    theta = np.array([[1.3, 0.2, 0.3], [-0.1, 1.2, -0.2]])
+    layer = SpatialTransformer(
+        small_localization(), (7, 9), padding_mode=padding_mode, align_corners=align_corners
+    )
+    x = images()
+    layer(x)
+    kernel, _ = layer.head.get_weights()
+    layer.head.set_weights([kernel, np.float32(theta.ravel())])
+    # The output pixel centres in [-1, 1] (PyTorch's convention), mapped by theta in NumPy.
+    if align_corners:
+        rows, cols = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 9), indexing="ij")
+    else:
+        rows, cols = np.meshgrid(*((2 * np.arange(n) + 1) / n - 1 for n in (7, 9)), indexing="ij")
+    centres = np.stack([cols, rows, np.ones_like(rows)], axis=-1)
+    grid = np.tile(centres @ theta.T, (3, 1, 1, 1))
+    expected = reference_sample(x, grid, padding_mode, align_corners)
+    np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-5)
 
 
 def test_head_has_the_transform_size_and_starts_at_zero_kernel_identity_bias():
