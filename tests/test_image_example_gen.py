@@ -759,7 +759,9 @@ def test_a_cached_run_reruns_when_a_file_moves_to_another_label_or_the_manifest_
     )  # same size, mtime
     assert ingest() == (COMPLETE, [(1, "rts"), (5, "unknown")])  # no longer in the manifest
     manifest = span / "manifest.csv"
-    manifest.write_text(manifest.read_text().replace(",rts,", ",rst,"))  # same size
+    edited = manifest.read_bytes().replace(b",rts,", b",rst,")
+    assert len(edited) == manifest.stat().st_size  # bytes: text mode would drop the CRs
+    manifest.write_bytes(edited)  # same size and path: the mtime tells
     assert ingest() == (COMPLETE, [(1, "rst"), (5, "unknown")])
     assert ingest()[0] == CACHED
 
