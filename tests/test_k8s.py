@@ -623,25 +623,31 @@ def test_gpu_workers_ask_for_gpus_on_gpu_nodes(overlay):
 # --- the model server -----------------------------------------------------------------------
 
 
-def test_the_model_server_serves_the_models_volume_on_its_service_port(overlay):
+def test_the_model_server_serves_the_models_volume_on_its_service_port(overlay, tmp_path):
     docs = render(overlay)
     spec, container = container_of(only(docs, "Deployment"))
     http_port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
     models = claim_mount(spec, container, "stn-models")
     assert models["readOnly"] is True
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(only(docs, "ConfigMap")["data"]["pipeline.yaml"])
+    model = load_config(str(config)).model_name  # the Pusher's serving/<model>/
     args = container["args"]
     if overlay == "tf-serving":
         assert container["image"] == TF_SERVING_IMAGE
         assert option(args, "--rest_api_port") == str(http_port)
-        assert option(args, "--model_name") == "stn"
-        assert option(args, "--model_base_path") == models["mountPath"] + "/stn"
+        assert option(args, "--model_name") == model
+        assert option(args, "--model_base_path") == f"{models['mountPath']}/{model}"
     else:
         _, watcher = container_of(only(docs, "CronJob"))
         assert container["image"] == watcher["image"]
         assert args[0] == "serve"
         assert option(args, "--port") == str(http_port)
         assert models["mountPath"] == option(args, "--home") + "/serving"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/stn"
+        assert build_parser().parse_args(args).model_name == model
+    # Ready once the model answers its status on the http port.
+    probe = container["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"] in ("http", http_port)) == (f"/v1/models/{model}", True)
     [service_port] = [p for p in only(docs, "Service")["spec"]["ports"] if p["name"] == "http"]
     assert service_port["targetPort"] == "http"
 
