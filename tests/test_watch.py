@@ -95,7 +95,7 @@ def test_span_1_gives_one_run_and_no_new_data_gives_none(setup):
 
 
 def test_span_2_gives_exactly_one_more_run_warm_started_and_a_new_served_version(setup):
-    _, data, serving, stand_in, make_watcher = setup
+    home, data, serving, stand_in, make_watcher = setup
     _span(data, 1)
     make_watcher().watch(once=True)
     _span(data, 2)
@@ -107,6 +107,8 @@ def test_span_2_gives_exactly_one_more_run_warm_started_and_a_new_served_version
     os.rename(data / ".span-3.partial", data / "span-3")
     make_watcher().watch(once=True)  # warm-started from the newest of the served versions
     assert stand_in.requests[2:] == [RunRequest(spans=(3,), warm_start=str(serving / "2"))]
+    runs = json.loads((home / watcher.STATE_FILE).read_text())["runs"]
+    assert [run["spans"] for run in runs] == [[1], [2], [3]]  # the state keeps every run
 
 
 def test_an_unblessed_run_is_recorded_and_serving_keeps_the_old_version(setup):
