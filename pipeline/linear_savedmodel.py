@@ -5,7 +5,8 @@ serving benchmark): its answers are `softmax(pixels @ weights + bias)`, which Nu
 The contract is the one stn_model/serving.py exports: signature `serving_default` takes
 `images`, a 1-D tf.string tensor of encoded PNG or JPEG images, and returns `probabilities`
 [B, C] float32 and `classes` [B] int64; signature `rectify` returns the 42x42 grayscale images
-the classifier sees.
+the classifier sees; signature `serving_examples` takes `examples`, serialized tf.Examples with
+an `image` bytes feature, and answers as `serving_default`.
 """
 
 import numpy as np
@@ -29,6 +30,11 @@ class _LinearClassifier(tf.Module):
             "probabilities": tf.nn.softmax(logits),
             "classes": tf.argmax(logits, axis=1, output_type=tf.int64),
         }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def classify_examples(self, examples):
+        spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+        return self.classify(tf.io.parse_example(examples, spec)["image"])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def rectify(self, images):
@@ -67,5 +73,9 @@ def save_linear_classifier(export_dir, weights, bias):
     tf.saved_model.save(
         module,
         str(export_dir),
-        signatures={"serving_default": module.classify, "rectify": module.rectify},
+        signatures={
+            "serving_default": module.classify,
+            "rectify": module.rectify,
+            "serving_examples": module.classify_examples,
+        },
     )

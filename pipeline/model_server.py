@@ -95,6 +95,11 @@ class ModelEndpoints:
             outputs = signature(**tensors)
         except tf.errors.InvalidArgumentError as error:  # e.g. bytes that are no image
             raise RequestError(_tf_error_message(error)) from None
+        except UnicodeDecodeError:  # TensorFlow's error quoted input bytes that are not UTF-8
+            raise RequestError(
+                f"signature {request.signature_name!r} refused the input, quoting bytes that "
+                "are not text: is each value what the signature takes?"
+            ) from None
         arrays = {name: tensor.numpy() for name, tensor in outputs.items()}
         return format_predict_response(arrays, request.row_format)
 

@@ -232,6 +232,13 @@ BAD_REQUESTS = [
     ("wrong input name", ":predict", b'{"instances": [{"img": {"b64": ""}}]}', 400, "img"),
     ("unknown signature", ":predict", b'{"signature_name": "x", "instances": [1]}', 400, "'x'"),
     ("nested batch", ":predict", b'{"inputs": [[{"b64": "aGk="}]]}', 400, "shape"),
+    (
+        "not a tf.Example",  # TensorFlow's error quotes the bytes, which are not UTF-8
+        ":predict",
+        b'{"signature_name": "serving_examples", "instances": [{"b64": "iVBORw0KGgo="}]}',
+        400,
+        "serving_examples",
+    ),
     ("unknown verb", ":classify", b"{}", 405, "not supported"),
     ("version not served", "/versions/2:predict", b'{"instances": [1]}', 404, "stn, 2"),
 ]
