@@ -1,7 +1,9 @@
 """The model's preprocessing and export signatures (TensorFlow only, no TFX).
 
 Training and serving share one preprocessing: `DecodeImages` turns encoded PNG/JPEG bytes into
-float images in [0, 1] of the model's input shape, inside the graph. The exported SavedModel has
+float images in [0, 1] of the model's input shape, inside the graph; an image whose header says
+it has over `MAX_IMAGE_PIXELS` (4096 x 4096) pixels is refused before it is decoded. The
+exported SavedModel has
 
 - ``serving_default``: ``images`` (1-D tf.string, encoded PNG or JPEG) -> ``probabilities``
   [B, num_classes] float32 and ``classes`` [B] int64;
@@ -25,6 +27,9 @@ IMAGE_FEATURE = "image"
 SERVING_SIGNATURE = "serving_default"
 RECTIFY_SIGNATURE = "rectify"
 EXAMPLES_SIGNATURE = "serving_examples"
+# Larger images are refused before decoding: a PNG of 16,000 x 16,000 zeros is 250 KB but
+# decodes into 1 GB of floats. This allows a 12-megapixel photo.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def _model_image_size(model):
@@ -35,14 +40,53 @@ def _model_image_size(model):
     return check_size(shape[1:3], "image_size")
 
 
+def _header_pixels(encoded):
+    """Width times height as the header of an encoded JPEG, PNG, GIF or BMP says; else 0."""
+    padded = tf.strings.substr(tf.strings.join([encoded, b"\0" * 26]), 0, 26)
+    header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+
+    def number(start, size, big_endian=False):  # the unsigned integer in those header bytes
+        weights = [256**k for k in range(size)]
+        return tf.reduce_sum(
+            header[start : start + size] * (weights[::-1] if big_endian else weights)
+        )
+
+    def signed32(value):  # a BMP's height is negative for rows stored top-down
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    magic = tf.strings.substr(encoded, 0, 4)
+    return tf.case(
+        [
+            (
+                tf.io.is_jpeg(encoded),
+                lambda: tf.reduce_prod(tf.image.extract_jpeg_shape(encoded, tf.int64)[:2]),
+            ),
+            (tf.equal(magic, b"\x89PNG"), lambda: number(16, 4, True) * number(20, 4, True)),
+            (tf.equal(magic, b"GIF8"), lambda: number(6, 2) * number(8, 2)),
+            (
+                tf.equal(tf.strings.substr(magic, 0, 2), b"BM"),
+                lambda: signed32(number(18, 4)) * signed32(number(22, 4)),
+            ),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
 def decode_image(encoded, image_size):
     """One encoded PNG/JPEG (scalar tf.string) -> float32 [H, W, 1] in [0, 1].
 
     Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
-    are resized bilinearly to `image_size`.
+    are resized bilinearly to `image_size`. An image of over `MAX_IMAGE_PIXELS` pixels is an
+    InvalidArgumentError, raised before it is decoded.
     """
     height, width = check_size(image_size, "image_size")
-    image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
+    pixels = _header_pixels(encoded)
+    too_large = tf.debugging.Assert(
+        pixels <= MAX_IMAGE_PIXELS,
+        [f"the image is larger than {MAX_IMAGE_PIXELS} pixels:", pixels],
+    )
+    with tf.control_dependencies([too_large]):
+        image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
     channels = tf.shape(image)[-1]
     image = tf.cond(
         channels >= 3,

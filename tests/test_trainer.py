@@ -10,6 +10,7 @@ import itertools
 import os
 import pathlib
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -99,6 +100,31 @@ def test_bytes_that_are_no_image_fail():
         serving.decode_images([b"not an image"], (SIZE, SIZE))
 
 
+def with_size(data, kind, width, height):
+    """`data`, an encoded image, with its header saying width x height (the pixels unchanged)."""
+    data = bytearray(data)
+    if kind == "PNG":
+        data[16:24] = struct.pack(">II", width, height)
+    elif kind == "GIF":
+        data[6:10] = struct.pack("<HH", width, height)
+    elif kind == "BMP":
+        data[18:26] = struct.pack("<ii", width, -height)  # rows stored top-down
+    else:  # JPEG: the start-of-frame segment
+        start = data.index(b"\xff\xc0")
+        data[start + 5 : start + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "GIF", "BMP"])
+def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(kind):
+    small = encode(np.zeros((6, 8), np.uint8), kind)
+    assert serving.decode_images([small], (SIZE, SIZE)).shape == (1, SIZE, SIZE, 1)
+    side = 4097  # 4097 x 4097 is over MAX_IMAGE_PIXELS; 4096 x 4096 is not
+    assert side * side > serving.MAX_IMAGE_PIXELS >= (side - 1) ** 2
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than"):
+        serving.decode_images([with_size(small, kind, side, side)], (SIZE, SIZE))
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An untrained ST-CNN whose transformer outputs 42 x 42 (identity at start), exported."""
@@ -150,6 +176,16 @@ def test_serving_examples_agrees_with_serving_default(exported, pixels):
     np.testing.assert_allclose(
         by_examples["probabilities"].numpy(), by_images["probabilities"].numpy(), atol=1e-6
     )
+
+
+def test_the_exported_signatures_refuse_an_image_of_too_many_pixels(exported):
+    _, loaded = exported
+    huge = with_size(encode(np.zeros((6, 8), np.uint8)), "PNG", 5000, 5000)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 16777216 pixels"):
+        loaded.signatures["serving_default"](images=tf.constant([huge]))
+    examples = tf.constant([example(huge, 0).SerializeToString()])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 16777216 pixels"):
+        loaded.signatures["serving_examples"](examples=examples)
 
 
 def example(image_bytes, label):
