@@ -15,6 +15,7 @@ PATCH and OPTIONS are answered 405 with an `Allow` header; every error body is
 `{"error": "..."}`, Python's own refusals (a malformed request, an unknown method) included.
 """
 
+import contextlib
 import json
 import logging
 import re
@@ -140,16 +141,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self):
         """Route the request and answer it; a refusal or a failure as {"error": ...}."""
-        headers = {}
-        try:
-            status, payload = self._route()
-        except RequestError as error:
-            status, payload = HTTPStatus(error.status), {"error": str(error)}
-            headers = error.headers
-        except Exception as error:  # a bug or a model failure: answer it, keep serving
-            log.exception("error answering %s %s", self.command, self.path)
-            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)}
-        self._send_json(status, payload, headers)
+        with self.server.answering():
+            headers = {}
+            try:
+                status, payload = self._route()
+            except RequestError as error:
+                status, payload = HTTPStatus(error.status), {"error": str(error)}
+                headers = error.headers
+            except Exception as error:  # a bug or a model failure: answer it, keep serving
+                log.exception("error answering %s %s", self.command, self.path)
+                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)}
+            self._send_json(status, payload, headers)
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
 
@@ -227,7 +229,8 @@ class ModelServer(ThreadingHTTPServer):
     """The HTTP server plus a thread that polls the model directory for new versions.
 
     `start()` serves in background threads (tests, benchmarks); `serve_forever()` after
-    `start_polling()` serves in the calling thread (the CLI). `stop()` ends both.
+    `start_polling()` serves in the calling thread (the CLI). `stop()` ends both, once the
+    requests being answered are (for at most `drain_seconds`).
     """
 
     daemon_threads = True
@@ -239,11 +242,13 @@ class ModelServer(ThreadingHTTPServer):
         poll_seconds=2.0,
         max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
         request_timeout_seconds=60.0,
+        drain_seconds=20.0,
     ):
         for name, value in (
             ("poll_seconds", poll_seconds),
             ("max_request_bytes", max_request_bytes),
             ("request_timeout_seconds", request_timeout_seconds),
+            ("drain_seconds", drain_seconds),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -253,6 +258,9 @@ class ModelServer(ThreadingHTTPServer):
         self.poll_seconds = poll_seconds
         self.max_request_bytes = max_request_bytes
         self.request_timeout_seconds = request_timeout_seconds
+        self.drain_seconds = drain_seconds
+        self._answering = 0  # requests being answered now
+        self._answered = threading.Condition()
         self._stop_polling = threading.Event()
         self._background_threads = []
 
@@ -268,10 +276,25 @@ class ModelServer(ThreadingHTTPServer):
         self.start_polling()
         self._spawn(self.serve_forever)
 
+    @contextlib.contextmanager
+    def answering(self):
+        """Count the request answered within, so that `stop()` can wait for it."""
+        with self._answered:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._answering -= 1
+                self._answered.notify_all()
+
     def stop(self):
         self._stop_polling.set()
         self.shutdown()
         self.server_close()
+        with self._answered:  # the process may exit next, ending the requests' threads
+            if not self._answered.wait_for(lambda: self._answering == 0, self.drain_seconds):
+                log.warning("stopping with %d requests unanswered", self._answering)
         for thread in self._background_threads:
             thread.join()
 

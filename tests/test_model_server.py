@@ -305,11 +305,38 @@ def test_stalled_body_times_out_with_408(served_first, pngs):
 
 
 @pytest.mark.parametrize(
-    "setting", ["poll_seconds", "max_request_bytes", "request_timeout_seconds"]
+    "setting", ["poll_seconds", "max_request_bytes", "request_timeout_seconds", "drain_seconds"]
 )
 def test_server_settings_must_be_positive(tmp_path, setting):
     with pytest.raises(ValueError, match=setting):
         ModelServer(ModelRepository(str(tmp_path), "stn"), **{setting: 0})
+
+
+def test_stop_returns_once_the_requests_being_answered_are(tmp_path, models, pngs):
+    (tmp_path / "stn").mkdir()
+    push(str(tmp_path / "stn"), 1, models["first"][0])
+    server = ModelServer(ModelRepository(str(tmp_path), "stn"))
+    server.repository.poll()
+    predict, started, finished, answers = server.endpoints.predict, threading.Event(), [], []
+
+    def slow_predict(*args):  # the request is being answered when stop() is called
+        started.set()
+        time.sleep(0.5)
+        finished.append(predict(*args))
+        return finished[0]
+
+    server.endpoints.predict = slow_predict
+    server.start()
+    request = {"instances": [b64(pngs[0])]}
+    client = threading.Thread(
+        target=lambda: answers.append(call(f"{server.url}/v1/models/stn:predict", request))
+    )
+    client.start()
+    assert started.wait(30)
+    server.stop()  # in `serve`, the process exits next
+    assert finished, "stop() returned while a request was being answered"
+    client.join()
+    assert answers[0] == (200, finished[0])
 
 
 def test_keep_alive_connection_survives_a_bad_request(served_first, pngs):
