@@ -41,52 +41,51 @@ def _model_image_size(model):
 
 
 def _header_pixels(encoded):
-    """Width times height as the header of an encoded JPEG, PNG, GIF or BMP says; else 0."""
-    padded = tf.strings.substr(tf.strings.join([encoded, b"\0" * 26]), 0, 26)
-    header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    """Width times height as the headers of encoded JPEG, PNG, GIF or BMP images (1-D
+    tf.string) say; 0 for other kinds. Vectorized but for JPEGs, whose size may sit anywhere."""
+    # The first 26 bytes of each, zero-padded: [B, 26].
+    header = tf.cast(tf.io.decode_raw(encoded, tf.uint8, fixed_length=26), tf.int64)
 
-    def number(start, size, big_endian=False):  # the unsigned integer in those header bytes
+    def number(start, size, big_endian=False):  # the unsigned integers in those header bytes
         weights = [256**k for k in range(size)]
-        return tf.reduce_sum(
-            header[start : start + size] * (weights[::-1] if big_endian else weights)
-        )
+        weights = tf.constant(weights[::-1] if big_endian else weights, tf.int64)
+        return tf.reduce_sum(header[:, start : start + size] * weights, axis=1)
 
     def signed32(value):  # a BMP's height is negative for rows stored top-down
         return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
 
-    magic = tf.strings.substr(encoded, 0, 4)
-    return tf.case(
-        [
-            (
-                tf.io.is_jpeg(encoded),
-                lambda: tf.reduce_prod(tf.image.extract_jpeg_shape(encoded, tf.int64)[:2]),
-            ),
-            (tf.equal(magic, b"\x89PNG"), lambda: number(16, 4, True) * number(20, 4, True)),
-            (tf.equal(magic, b"GIF8"), lambda: number(6, 2) * number(8, 2)),
-            (
-                tf.equal(tf.strings.substr(magic, 0, 2), b"BM"),
-                lambda: signed32(number(18, 4)) * signed32(number(22, 4)),
-            ),
-        ],
-        default=lambda: tf.constant(0, tf.int64),
+    def starts_with(magic):
+        return tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic)
+
+    pixels = tf.zeros(tf.shape(encoded), tf.int64)
+    for magic, size in (
+        (b"BM", signed32(number(18, 4)) * signed32(number(22, 4))),
+        (b"GIF8", number(6, 2) * number(8, 2)),
+        (b"\x89PNG", number(16, 4, True) * number(20, 4, True)),
+    ):
+        pixels = tf.where(starts_with(magic), size, pixels)
+    is_jpeg = starts_with(b"\xff\xd8\xff")  # what tf.io.is_jpeg checks
+    jpeg_pixels = tf.map_fn(
+        lambda image: tf.reduce_prod(tf.image.extract_jpeg_shape(image, tf.int64)[:2]),
+        tf.boolean_mask(encoded, is_jpeg),
+        fn_output_signature=tf.int64,
     )
+    return tf.tensor_scatter_nd_update(pixels, tf.where(is_jpeg), jpeg_pixels)
 
 
-def decode_image(encoded, image_size):
-    """One encoded PNG/JPEG (scalar tf.string) -> float32 [H, W, 1] in [0, 1].
-
-    Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
-    are resized bilinearly to `image_size`. An image of over `MAX_IMAGE_PIXELS` pixels is an
-    InvalidArgumentError, raised before it is decoded.
-    """
-    height, width = check_size(image_size, "image_size")
+def _refuse_huge_images(encoded):
+    """An op that fails if the header of an image in `encoded` (1-D tf.string) says it has over
+    `MAX_IMAGE_PIXELS` pixels: decoding it could take gigabytes."""
     pixels = _header_pixels(encoded)
-    too_large = tf.debugging.Assert(
-        pixels <= MAX_IMAGE_PIXELS,
-        [f"the image is larger than {MAX_IMAGE_PIXELS} pixels:", pixels],
+    return tf.debugging.Assert(
+        tf.reduce_all(pixels <= MAX_IMAGE_PIXELS),
+        [f"an image is larger than {MAX_IMAGE_PIXELS} pixels:", tf.reduce_max(pixels)],
     )
-    with tf.control_dependencies([too_large]):
-        image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
+
+
+def _decode(encoded, height, width):
+    """One encoded image (scalar tf.string) -> float32 [height, width, 1] in [0, 1]."""
+    image = tf.io.decode_image(encoded, dtype=tf.float32, expand_animations=False)
     channels = tf.shape(image)[-1]
     image = tf.cond(
         channels >= 3,
@@ -102,16 +101,30 @@ def decode_image(encoded, image_size):
     return tf.ensure_shape(image, [height, width, 1])
 
 
+def decode_image(encoded, image_size):
+    """One encoded PNG/JPEG (scalar tf.string) -> float32 [H, W, 1] in [0, 1].
+
+    Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
+    are resized bilinearly to `image_size`. An image of over `MAX_IMAGE_PIXELS` pixels is an
+    InvalidArgumentError, raised before it is decoded.
+    """
+    height, width = check_size(image_size, "image_size")
+    with tf.control_dependencies([_refuse_huge_images(tf.reshape(encoded, [1]))]):
+        return _decode(encoded, height, width)
+
+
 def decode_images(encoded, image_size):
-    """A batch of encoded PNG/JPEG images (1-D tf.string) -> float32 [B, H, W, 1] in [0, 1]."""
+    """A batch of encoded PNG/JPEG images (1-D tf.string) -> float32 [B, H, W, 1] in [0, 1],
+    as `decode_image` decodes each."""
     height, width = check_size(image_size, "image_size")
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
     encoded = tf.reshape(encoded, [-1])
-    return tf.map_fn(
-        lambda item: decode_image(item, (height, width)),
-        encoded,
-        fn_output_signature=tf.TensorSpec([height, width, 1], tf.float32),
-    )
+    with tf.control_dependencies([_refuse_huge_images(encoded)]):
+        return tf.map_fn(
+            lambda item: _decode(item, height, width),
+            encoded,
+            fn_output_signature=tf.TensorSpec([height, width, 1], tf.float32),
+        )
 
 
 class DecodeImages(keras.layers.Layer):

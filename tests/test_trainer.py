@@ -115,14 +115,20 @@ def with_size(data, kind, width, height):
     return bytes(data)
 
 
-@pytest.mark.parametrize("kind", ["PNG", "JPEG", "GIF", "BMP"])
+KINDS = ["PNG", "JPEG", "GIF", "BMP"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(kind):
-    small = encode(np.zeros((6, 8), np.uint8), kind)
-    assert serving.decode_images([small], (SIZE, SIZE)).shape == (1, SIZE, SIZE, 1)
+    smalls = [encode(np.zeros((6, 8), np.uint8), other) for other in KINDS]
+    assert serving.decode_images(smalls, (SIZE, SIZE)).shape == (4, SIZE, SIZE, 1)
     side = 4097  # 4097 x 4097 is over MAX_IMAGE_PIXELS; 4096 x 4096 is not
     assert side * side > serving.MAX_IMAGE_PIXELS >= (side - 1) ** 2
+    huge = with_size(encode(np.zeros((6, 8), np.uint8), kind), kind, side, side)
     with pytest.raises(tf.errors.InvalidArgumentError, match="larger than"):
-        serving.decode_images([with_size(small, kind, side, side)], (SIZE, SIZE))
+        serving.decode_images([*smalls, huge, *smalls], (SIZE, SIZE))  # anywhere in a batch
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than"):
+        serving.decode_image(huge, (SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")
