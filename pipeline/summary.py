@@ -334,7 +334,11 @@ def _push_note(nodes, config):
     elif check is not None and _prop(check, "blessed") != 1:
         why = f"the model check failed: {_prop(check, 'reason', '')}"
     elif any(node.state in ("NEW", "RUNNING") for node in nodes.values()):
-        why = "the run is still going (report it again when it ends)"
+        why = (
+            "the run is still going (report it again when it ends)"
+            if _run_going(config)
+            else "the run was stopped (killed or interrupted) before the Pusher"
+        )
     elif nodes.get("Pusher") is None:
         why = "the pipeline stopped before the Pusher"
     else:
@@ -342,6 +346,14 @@ def _push_note(nodes, config):
     versions = served_versions(config.serving_dir)
     serving = f"serving keeps version {versions[-1]}" if versions else "nothing is served yet"
     return f"not pushed: {why}; {serving}"
+
+
+def _run_going(config):
+    """Whether a run or watcher holds `config`'s home: a run left RUNNING by one that was killed
+    is not going."""
+    from pipeline import watcher
+
+    return watcher.lock_held(os.path.join(config.home_dir, watcher.LOCK_FILE))
 
 
 def served_versions(serving_dir):

@@ -168,6 +168,21 @@ def exclusive_lock(path):
         handle.close()  # closing releases the lock
 
 
+def lock_held(path):
+    """Whether a live run or watcher holds the exclusive lock on `path` (a killed one does not:
+    the kernel releases a dead process's flock)."""
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below, which drops the probe's lock)
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 class Watcher:
     """Polls `data_root` for new spans and calls `run_fn(RunRequest) -> RunOutcome` on them."""
 

@@ -4,6 +4,7 @@ Every page is checked the same way: parsed with html.parser, every src/href must
 path that resolves inside the report folder, and every image a PNG that Pillow decodes.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -201,18 +202,32 @@ def test_input_pictures_are_decoded_as_the_model_decodes_them():
 
 
 @pytest.mark.parametrize(
-    ("states", "words"),
+    ("states", "locked", "words"),
     [
-        ({"Trainer": "RUNNING"}, "the run is still going (report it again when it ends)"),
-        ({"Trainer": "COMPLETE", "Evaluator": "FAILED"}, "the pipeline stopped before the Pusher"),
+        ({"Trainer": "RUNNING"}, True, "the run is still going (report it again when it ends)"),
+        (  # a run killed mid-Trainer leaves it RUNNING, and its lock free
+            {"Trainer": "RUNNING"},
+            False,
+            "the run was stopped (killed or interrupted) before the Pusher",
+        ),
+        (
+            {"Trainer": "COMPLETE", "Evaluator": "FAILED"},
+            False,
+            "the pipeline stopped before the Pusher",
+        ),
     ],
 )
 def test_a_run_that_has_not_reached_the_pusher_says_whether_it_is_still_going(
-    tmp_path, states, words
+    tmp_path, states, locked, words
 ):
+    from pipeline import watcher
+
     nodes = {name: summary.NodeRun(name, state, 1.0, {}) for name, state in states.items()}
     config = load_config(None, {}, home=str(tmp_path))  # nothing under its serving/
-    assert summary._push_note(nodes, config) == f"not pushed: {words}; nothing is served yet"
+    lock = os.path.join(tmp_path, watcher.LOCK_FILE)
+    with watcher.exclusive_lock(lock) if locked else contextlib.nullcontext():
+        note = summary._push_note(nodes, config)
+    assert note == f"not pushed: {words}; nothing is served yet"
 
 
 @pytest.mark.parametrize(
