@@ -3,6 +3,8 @@
     ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
       -> Trainer -> Resolver (latest approved model) -> Evaluator -> ModelCheck -> Pusher
 
+The Pusher renames a finished copy into ``serving/<model>/<version>/`` (`atomic_pusher`).
+
 With `span_window` K > 1, ImageExampleGen ingests spans N-K+1..N as one Examples artifact, so
 the gate validates everything the Trainer trains on and the Evaluator evaluates on the eval
 split of the whole window.
@@ -13,7 +15,9 @@ returns a `tfx.dsl.Pipeline`; `pipeline.local_runner` runs it on one machine.
 
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 
+from components import atomic_pusher
 from components.image_example_gen import ImageExampleGen
 from components.model_check import ModelCheck
 from components.multiworker_trainer import MultiWorkerTrainer
@@ -158,6 +162,7 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)
         ),
+        custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.Executor),
     )
     components = [
         example_gen,

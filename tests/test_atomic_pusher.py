@@ -1,0 +1,62 @@
+"""The Pusher's executor: a version folder appears under serving/ whole, or not at all."""
+
+import os
+
+import pytest
+from tfx.proto import pusher_pb2
+from tfx.types import standard_artifacts, standard_component_specs
+from tfx.utils import io_utils, path_utils, proto_utils
+
+from components import atomic_pusher
+
+
+def _push(tmp_path, serving):
+    """Run the executor on a blessed model of two files; the PushedModel artifact."""
+    model = standard_artifacts.Model()
+    model.uri = str(tmp_path / "model")
+    exported = path_utils.serving_model_path(model.uri)
+    os.makedirs(os.path.join(exported, "variables"))
+    for name in ("saved_model.pb", "variables/variables.index"):
+        with open(os.path.join(exported, name), "w") as handle:
+            handle.write(name)
+    blessings = []
+    for kind in (standard_artifacts.ModelBlessing, standard_artifacts.InfraBlessing):
+        blessing = kind()
+        blessing.set_int_custom_property("blessed", 1)
+        blessings.append(blessing)
+    pushed = standard_artifacts.PushedModel()
+    pushed.uri = str(tmp_path / "pushed")
+    destination = pusher_pb2.PushDestination(
+        filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=str(serving))
+    )
+    atomic_pusher.Executor().Do(
+        {"model": [model], "model_blessing": blessings[:1], "infra_blessing": blessings[1:]},
+        {standard_component_specs.PUSHED_MODEL_KEY: [pushed]},
+        {standard_component_specs.PUSH_DESTINATION_KEY: proto_utils.proto_to_json(destination)},
+    )
+    return pushed
+
+
+def test_a_push_lands_as_a_whole_version_folder(tmp_path):
+    serving = tmp_path / "serving" / "stn"
+    pushed = _push(tmp_path, serving)
+    (version,) = os.listdir(serving)
+    assert pushed.get_string_custom_property("pushed_destination") == str(serving / version)
+    assert pushed.get_string_custom_property("pushed_version") == version
+    assert (serving / version / "saved_model.pb").read_text() == "saved_model.pb"
+    assert (serving / version / "variables" / "variables.index").is_file()
+
+
+def test_a_push_that_fails_midway_leaves_no_version_folder(tmp_path, monkeypatch):
+    serving = tmp_path / "serving" / "stn"
+    os.makedirs(serving / "7")  # the version being served
+
+    def disk_full(source, destination, overwrite=False):
+        with open(destination, "w") as handle:
+            handle.write("trunc")  # a truncated saved_model.pb, as a full disk leaves it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_utils, "copy_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _push(tmp_path, serving)
+    assert os.listdir(serving) == ["7"]
