@@ -6,10 +6,11 @@ loads the SavedModel with `tf.saved_model.load` and sends a canned request of en
 serving signature must bring any of them to the model's size) through ``serving_default``; the
 answer must have ``probabilities`` [3, K] float32 rows summing to 1 and ``classes`` [3] int64
 equal to their argmax, and ``rectify`` must answer too. The result is an ``InfraBlessing``
-artifact (custom property ``blessed`` 1 or 0, ``reason`` in words) that the Pusher requires,
-and an ``approval``: a ``ModelBlessing`` of the model (``blessed`` 1 when the Evaluator blessed
-it and the check passed, ``current_model_id``), from which the next run's Resolver takes its
-baseline, so a model that was never pushed is never a baseline.
+artifact (custom property ``blessed`` 1 or 0, ``reason`` in words) that the Pusher requires.
+After the Pusher, `PushApproval` writes an ``approval``: a ``ModelBlessing`` of the model
+(``blessed`` 1 when the Pusher pushed it, ``current_model_id``), from which the next run's
+Resolver takes its baseline, so a model that was never pushed (refused here, or a push that
+failed) is never a baseline.
 
 Why not TFX's InfraValidator: it starts a ``tensorflow_model_server`` binary (or a Docker
 image of it), and neither exists on these machines. A model the Evaluator did not bless is
@@ -23,7 +24,7 @@ import sys
 
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
-from tfx.types.standard_artifacts import InfraBlessing, Model, ModelBlessing
+from tfx.types.standard_artifacts import InfraBlessing, Model, ModelBlessing, PushedModel
 
 CANNED_SIZES = ((42, 42, 1, "png"), (28, 28, 3, "png"), (42, 42, 3, "jpeg"))
 
@@ -33,7 +34,6 @@ def ModelCheck(
     model: InputArtifact[Model],
     model_blessing: InputArtifact[ModelBlessing],
     infra_blessing: OutputArtifact[InfraBlessing],
-    approval: OutputArtifact[ModelBlessing],
     timeout_s: Parameter[int] = 300,
 ):
     """Loads the blessed model in a fresh process and queries ``serving_default``."""
@@ -48,7 +48,18 @@ def ModelCheck(
     else:
         passed, reason = False, "not checked: the Evaluator did not bless the model"
     _record(infra_blessing, passed, reason, "INFRA_BLESSED", "INFRA_NOT_BLESSED")
-    _record(approval, passed, reason, "BLESSED", "NOT_BLESSED")
+
+
+@component
+def PushApproval(
+    model: InputArtifact[Model],
+    pushed_model: InputArtifact[PushedModel],
+    approval: OutputArtifact[ModelBlessing],
+):
+    """Approves the model as the next runs' baseline when, and only when, the Pusher pushed it."""
+    pushed = pushed_model.get_int_custom_property("pushed") == 1
+    reason = "pushed to serving" if pushed else "not pushed"
+    _record(approval, pushed, reason, "BLESSED", "NOT_BLESSED")
     approval.set_int_custom_property("current_model_id", model.id)
 
 

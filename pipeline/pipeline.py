@@ -2,6 +2,7 @@
 
     ImageExampleGen -> StatisticsGen -> schema -> ExampleValidator -> AnomalyGate
       -> Trainer -> Resolver (latest approved model) -> Evaluator -> ModelCheck -> Pusher
+      -> PushApproval (a pushed model is the next runs' baseline)
 
 The Pusher renames a finished copy into ``serving/<model>/<version>/`` (`atomic_pusher`).
 
@@ -19,7 +20,7 @@ from tfx.dsl.components.base import executor_spec
 
 from components import atomic_pusher
 from components.image_example_gen import ImageExampleGen
-from components.model_check import ModelCheck
+from components.model_check import ModelCheck, PushApproval
 from components.multiworker_trainer import MultiWorkerTrainer
 from pipeline.validation import build_validation
 from stn_model.trainer import training_code_digest
@@ -30,6 +31,7 @@ LABEL_KEY = "label"
 SLICE_FEATURES = ("label", "variant")
 ACCURACY_METRIC = "sparse_categorical_accuracy"
 MODEL_CHECK_ID = "ModelCheck"
+APPROVAL_ID = "PushApproval"
 
 
 # TFMA computes accuracy in float32: 900/1000 is 0.89999998, and 960/1000 - 970/1000 is
@@ -131,14 +133,14 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
     trainer = _trainer(config, example_gen.outputs["examples"])
     trainer.add_upstream_node(validation.gate)
 
-    # The baseline: the newest model that ModelCheck approved (blessed, and it served a
-    # request), not merely the Evaluator's newest blessed one, which may never have been pushed.
+    # The baseline: the newest model that PushApproval approved (pushed to serving), not merely
+    # the Evaluator's newest blessed one, which ModelCheck may have refused or the push failed.
     baseline = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
         model_blessing=tfx.dsl.Channel(
             type=tfx.types.standard_artifacts.ModelBlessing,
-            producer_component_id=MODEL_CHECK_ID,
+            producer_component_id=APPROVAL_ID,
             output_key="approval",
         ),
     ).with_id("latest_blessed_model_resolver")
@@ -164,6 +166,9 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         ),
         custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.Executor),
     )
+    approval = PushApproval(
+        model=trainer.outputs["model"], pushed_model=pusher.outputs["pushed_model"]
+    ).with_id(APPROVAL_ID)
     components = [
         example_gen,
         *validation.components(),
@@ -172,6 +177,7 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         evaluator,
         model_check,
         pusher,
+        approval,
     ]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,

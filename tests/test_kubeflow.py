@@ -49,7 +49,7 @@ def test_compiled_package_parses_as_a_pipeline_spec_with_every_component(package
     spec = _parse_package(package)
     tasks = set(spec.root.dag.tasks)
     local_ids = component_ids(create_pipeline(load_config(home="/stn/home")))
-    assert len(local_ids) == 10
+    assert len(local_ids) == 11
     for component_id in local_ids:
         # KFP splits a TFX Resolver into one resolver task per output channel.
         matching = {
@@ -311,7 +311,7 @@ def test_compiled_steps_run_the_tfx_executor_in_the_configured_image(package):
     containers = [
         executor["container"] for executor in executors.values() if "container" in executor
     ]
-    assert len(containers) == 9  # every component but the resolver (its two tasks run none)
+    assert len(containers) == 10  # every component but the resolver (its two tasks run none)
     for container in containers:
         assert container["image"] == IMAGE
         assert container["command"] == [

@@ -262,6 +262,34 @@ def test_workers_choose_the_trainer_and_spans_the_inputs(tmp_path):
     assert two["StatisticsGen"].inputs["examples"] is examples
 
 
+def test_the_baseline_is_approved_after_the_push_not_before_it(tmp_path):
+    from pipeline.pipeline import create_pipeline
+
+    config = load_config(home=str(tmp_path))
+    nodes = {node.id: node for node in create_pipeline(config).components}
+    blessings = nodes["latest_blessed_model_resolver"].raw_inputs["model_blessing"]
+    # A model the Pusher failed to push (a full disk, a killed run) is never a baseline.
+    assert nodes["Pusher"] in nodes[blessings.producer_component_id].upstream_nodes
+
+
+@pytest.mark.parametrize("pushed", [0, 1])
+def test_push_approval_approves_a_pushed_model_only(tmp_path, pushed):
+    from tfx.components.util import model_utils
+    from tfx.types import standard_artifacts
+
+    from components.model_check import PushApproval
+
+    model, pushed_model = standard_artifacts.Model(), standard_artifacts.PushedModel()
+    model.id = 7
+    pushed_model.set_int_custom_property("pushed", pushed)
+    approval = standard_artifacts.ModelBlessing()
+    approval.uri = str(tmp_path)
+    approve = PushApproval.EXECUTOR_SPEC.executor_class._FUNCTION
+    approve(model=model, pushed_model=pushed_model, approval=approval)
+    assert model_utils.is_model_blessed(approval) == bool(pushed)
+    assert approval.get_int_custom_property("current_model_id") == 7
+
+
 def test_multiworker_settings_are_checked_when_the_config_loads(tmp_path):
     assert load_config().multiworker_config().num_workers == 1
     assert not load_config().uses_multiworker_trainer
