@@ -233,24 +233,19 @@ def span_label(spans):
 
 
 def _anomalies(nodes):
-    from tensorflow_metadata.proto.v0 import anomalies_pb2
-    from tfx.components.example_validator.executor import DEFAULT_FILE_NAME
-    from tfx.types import artifact_utils, standard_artifacts
+    """The gate's problems: ExampleValidator's anomalies and what the statistics show."""
+    from tfx.types import standard_artifacts
 
-    from components.gate import anomaly_problems
+    from components.gate import gate_problems
 
-    artifact = _artifact(nodes.get("ExampleValidator"), "anomalies")
-    if artifact is None:
+    anomalies = _artifact(nodes.get("ExampleValidator"), "anomalies")
+    statistics = _artifact(nodes.get("StatisticsGen"), "statistics")
+    if anomalies is None or statistics is None:
         return []
-    anomalies = standard_artifacts.ExampleAnomalies()
-    anomalies.set_mlmd_artifact(artifact)
-    problems = []
-    for split in artifact_utils.decode_split_names(anomalies.split_names):
-        path = os.path.join(artifact_utils.get_split_uri([anomalies], split), DEFAULT_FILE_NAME)
-        with open(path, "rb") as handle:
-            proto = anomalies_pb2.Anomalies.FromString(handle.read())
-        problems.extend(anomaly_problems(proto, split))
-    return problems
+    artifacts = standard_artifacts.ExampleAnomalies(), standard_artifacts.ExampleStatistics()
+    for artifact, mlmd_artifact in zip(artifacts, (anomalies, statistics), strict=True):
+        artifact.set_mlmd_artifact(mlmd_artifact)
+    return gate_problems(*artifacts)
 
 
 def _slice_name(slice_key):

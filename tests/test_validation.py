@@ -22,6 +22,8 @@ from tfx.types import standard_artifacts
 
 from components.gate import DataValidationError, anomaly_problems, statistics_problems
 from components.image_example_gen import ImageExampleGen
+from pipeline import summary
+from pipeline.configs import PipelineConfig
 from pipeline.validation import SCHEMA_FILE, build_validation
 
 # TFDV describes a bytes feature as images only from 100 values on (ImageStatsGenerator's
@@ -105,8 +107,11 @@ def test_a_train_split_of_a_single_class_stops_the_pipeline(tmp_path):
     labels = {"train": [3] * 12, "eval": list(range(10))}
     with pytest.raises(DataValidationError) as raised:
         validation_pipeline(tmp_path, labels)
-    assert "split 'train' holds a single class: every 'label' is 3" in str(raised.value)
+    problem = "split 'train' holds a single class: every 'label' is 3"
+    assert problem in str(raised.value)
     assert "Downstream" not in node_states(metadata_config(tmp_path))
+    config = PipelineConfig(home=str(tmp_path), pipeline_name="test")
+    assert problem in summary.format_report(summary.run_report(config))  # not "anomalies: none"
 
 
 # ---- the gate's wording and checks (no pipeline) ----
