@@ -171,7 +171,8 @@ def _read_table(csv_path, folder, columns):
             f"{csv_path}, line {line}: byte {error.start} ({data[error.start : error.end]!r}) is "
             "not UTF-8; save the file as UTF-8"
         ) from error
-    reader = csv.DictReader(io.StringIO(text))
+    # Excel's "CSV UTF-8" starts with a byte order mark, which would join the first column name.
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))
     missing = [column for column in columns if column not in (reader.fieldnames or ())]
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {missing}; it has {reader.fieldnames}")

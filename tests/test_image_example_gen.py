@@ -368,6 +368,18 @@ def test_a_csv_that_is_not_utf8_is_named_with_its_line_and_byte(tmp_path):
     assert str(raised.value).startswith(f"{folder / 'manifest.csv'}, line 2: byte 27 (b'\\xe9') ")
 
 
+def test_csvs_saved_with_a_utf8_byte_order_mark_are_read(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(digit_array(4)))
+    # as Excel saves "CSV UTF-8"
+    (folder / "labels.csv").write_text("file,label\na.png,4\n", encoding="utf-8-sig")
+    manifest = 'file,variant,params\na.png,r,"{""angle_deg"": 5}"\n'
+    (folder / "manifest.csv").write_text(manifest, encoding="utf-8-sig")
+    [image], _ = image_listing.list_split(str(tmp_path), "*/*.png", labels_file="labels.csv")
+    assert (image.label, image.variant, image.distortion) == (4, "r", '{"angle_deg": 5}')
+
+
 # ---- TFRecord files (the executor's DoFn, no pipeline) ----
 
 
