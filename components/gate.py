@@ -46,7 +46,10 @@ def _describe(where, info):
 def statistics_problems(statistics, split, label_feature, check_classes):
     """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`."""
     if statistics.num_examples == 0:
-        return [f"split '{split}' holds no examples (an empty span or split folder?)"]
+        # An empty split folder stops ImageExampleGen; here every input was skipped as bad.
+        return [
+            f"split '{split}' holds no examples (were all its inputs skipped as bad, or empty?)"
+        ]
     if not check_classes:
         return []
     for feature in statistics.features:

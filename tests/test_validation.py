@@ -114,6 +114,18 @@ def test_a_train_split_of_a_single_class_stops_the_pipeline(tmp_path):
     assert problem in summary.format_report(summary.run_report(config))  # not "anomalies: none"
 
 
+@pytest.mark.slow
+def test_an_eval_split_whose_images_were_all_skipped_stops_the_pipeline(tmp_path):
+    span = write_test_span(tmp_path / "data", labels={"train": [1, 2], "eval": [1, 2]})
+    for path in (span / "eval").glob("*/*.png"):
+        path.write_bytes(b"not an image")
+    example_gen = ImageExampleGen(input_base=str(tmp_path / "data"), max_bad_files=2)
+    nodes = build_validation(example_gen.outputs["examples"])
+    with pytest.raises(DataValidationError) as raised:
+        run_pipeline(tmp_path, [example_gen, *nodes.components()])
+    assert "split 'eval' holds no examples (were all its inputs skipped as bad" in str(raised.value)
+
+
 # ---- the gate's wording and checks (no pipeline) ----
 
 
@@ -167,7 +179,7 @@ def label_statistics(num_examples, low, high):
 
 def test_statistics_problems_find_empty_splits_and_single_class_train_splits():
     assert statistics_problems(label_statistics(0, 0, 0), "eval", "label", False) == [
-        "split 'eval' holds no examples (an empty span or split folder?)"
+        "split 'eval' holds no examples (were all its inputs skipped as bad, or empty?)"
     ]
     [single] = statistics_problems(label_statistics(50, 7, 7), "train", "label", True)
     assert single.startswith("split 'train' holds a single class: every 'label' is 7;")
