@@ -2,8 +2,9 @@
 
 `AnomalyGate` reads ExampleValidator's anomalies and StatisticsGen's statistics and raises
 `DataValidationError`, listing every problem in words, when ExampleValidator found anomalies
-or the statistics show what TFDV's schema cannot express: a split without examples, or a train
-split whose labels are all one class. The pipeline makes the trainer depend on the gate
+or the statistics show what TFDV's schema cannot express: a split without examples, a label
+the model has no output for (at or above `num_classes`), or a train split whose labels are all
+one class. The pipeline makes the trainer depend on the gate
 (`trainer.add_upstream_node(gate)`), so nothing downstream runs after a failure.
 """
 
@@ -43,35 +44,57 @@ def _describe(where, info):
     return sentences
 
 
-def statistics_problems(statistics, split, label_feature, check_classes):
-    """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`."""
+def statistics_problems(statistics, split, label_feature, check_classes, num_classes=None):
+    """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`.
+
+    Labels must be below `num_classes`, the model's outputs (None: not checked); with
+    `check_classes` the split must hold at least two classes.
+    """
     if statistics.num_examples == 0:
         # An empty split folder stops ImageExampleGen; here every input was skipped as bad.
         return [
             f"split '{split}' holds no examples (were all its inputs skipped as bad, or empty?)"
         ]
-    if not check_classes:
+    if not check_classes and num_classes is None:
         return []
+    label = _feature_statistics(statistics, label_feature)
+    if label is None:
+        return [f"split '{split}' has no statistics for the label feature '{label_feature}'"]
+    low, high = label.num_stats.min, label.num_stats.max
+    problems = []
+    if num_classes is not None and high >= num_classes:
+        problems.append(
+            f"split '{split}' has '{label_feature}' {high:g}, but the model has {num_classes} "
+            f"classes (0 to {num_classes - 1}); set num_classes or relabel the data"
+        )
+    if check_classes and low == high:
+        problems.append(
+            f"split '{split}' holds a single class: every '{label_feature}' is "
+            f"{low:g}; a classifier needs examples of at least two classes"
+        )
+    return problems
+
+
+def _feature_statistics(statistics, name):
+    """The `FeatureNameStatistics` of feature `name`, or None."""
     for feature in statistics.features:
-        if feature.path.step[:] == [label_feature] or feature.name == label_feature:
-            low, high = feature.num_stats.min, feature.num_stats.max
-            if low == high:
-                return [
-                    f"split '{split}' holds a single class: every '{label_feature}' is "
-                    f"{low:g}; a classifier needs examples of at least two classes"
-                ]
-            return []
-    return [f"split '{split}' has no statistics for the label feature '{label_feature}'"]
+        if feature.path.step[:] == [name] or feature.name == name:
+            return feature
+    return None
 
 
-def gate_problems(anomalies, statistics, label_feature="label", train_split="train"):
+def gate_problems(
+    anomalies, statistics, label_feature="label", train_split="train", num_classes=None
+):
     """Every problem the gate reports, given the two artifacts."""
     problems = []
     for split in artifact_utils.decode_split_names(statistics.split_names):
         datasets = load_statistics(statistics, split).proto().datasets
         split_stats = datasets[0] if datasets else statistics_pb2.DatasetFeatureStatistics()
         problems.extend(
-            statistics_problems(split_stats, split, label_feature, split == train_split)
+            statistics_problems(
+                split_stats, split, label_feature, split == train_split, num_classes
+            )
         )
     for split in artifact_utils.decode_split_names(anomalies.split_names):
         path = os.path.join(artifact_utils.get_split_uri([anomalies], split), ANOMALIES_FILE)
@@ -88,9 +111,10 @@ def AnomalyGate(
     statistics: InputArtifact[ExampleStatistics],
     label_feature: Parameter[str] = "label",
     train_split: Parameter[str] = "train",
+    num_classes: Parameter[int] = 10,
 ):
     """Raises DataValidationError listing every problem when the data failed validation."""
-    problems = gate_problems(anomalies, statistics, label_feature, train_split)
+    problems = gate_problems(anomalies, statistics, label_feature, train_split, num_classes)
     if problems:
         raise DataValidationError(
             f"The data failed validation ({len(problems)} problem(s)); nothing downstream runs:\n"

@@ -128,7 +128,7 @@ def create_pipeline(config, metadata_connection_config=None, beam_pipeline_args=
         span_window=config.span_window,
         max_bad_files=config.max_bad_files,
     )
-    validation = build_validation(example_gen.outputs["examples"])
+    validation = build_validation(example_gen.outputs["examples"], num_classes=config.num_classes)
 
     trainer = _trainer(config, example_gen.outputs["examples"])
     trainer.add_upstream_node(validation.gate)

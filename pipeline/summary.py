@@ -178,7 +178,7 @@ def run_report(config, run_id=None):
     examples = _examples(nodes)
     return RunReport(
         spans=_spans(examples, nodes),
-        anomalies=_anomalies(nodes),
+        anomalies=_anomalies(nodes, config.num_classes),
         metrics=_metrics(nodes),
         blessed=_blessed(nodes),
         why=_why(nodes),
@@ -232,7 +232,7 @@ def span_label(spans):
     return f"span {spans[0]}" if len(spans) == 1 else "spans " + ", ".join(map(str, spans))
 
 
-def _anomalies(nodes):
+def _anomalies(nodes, num_classes):
     """The gate's problems: ExampleValidator's anomalies and what the statistics show."""
     from tfx.types import standard_artifacts
 
@@ -245,7 +245,7 @@ def _anomalies(nodes):
     artifacts = standard_artifacts.ExampleAnomalies(), standard_artifacts.ExampleStatistics()
     for artifact, mlmd_artifact in zip(artifacts, (anomalies, statistics), strict=True):
         artifact.set_mlmd_artifact(mlmd_artifact)
-    return gate_problems(*artifacts)
+    return gate_problems(*artifacts, num_classes=num_classes)
 
 
 def _slice_name(slice_key):

@@ -62,11 +62,12 @@ class ValidationNodes:
         return [self.statistics_gen, self.schema_gen, self.example_validator, self.gate]
 
 
-def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False):
+def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False, num_classes=10):
     """ValidationNodes over an `examples` channel (ImageExampleGen's `outputs['examples']`).
 
     `schema_file`: the curated schema ImportSchemaGen imports; `infer_schema=True` infers one
-    with SchemaGen instead (useful to draft a schema for a new data set).
+    with SchemaGen instead (useful to draft a schema for a new data set). `num_classes`: the
+    model's outputs; the gate stops labels at or above it.
     """
     if not infer_schema and not Path(schema_file).is_file():
         raise ValueError(f"schema_file {schema_file} does not exist")
@@ -85,5 +86,6 @@ def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False):
     gate = AnomalyGate(
         anomalies=example_validator.outputs["anomalies"],
         statistics=statistics_gen.outputs["statistics"],
+        num_classes=num_classes,
     )
     return ValidationNodes(statistics_gen, schema_gen, example_validator, gate)

@@ -31,12 +31,12 @@ from pipeline.validation import SCHEMA_FILE, build_validation
 CLEAN_LABELS = {"train": list(range(10)) * 10, "eval": list(range(10)) * 10}
 
 
-def validation_pipeline(tmp_path, labels):
+def validation_pipeline(tmp_path, labels, num_classes=10):
     """Writes span 1 with `labels`, runs ingestion + validation + Downstream; (config, nodes)."""
     data_root = tmp_path / "data"
     write_test_span(data_root, labels=labels)
     example_gen = ImageExampleGen(input_base=str(data_root))
-    nodes = build_validation(example_gen.outputs["examples"])
+    nodes = build_validation(example_gen.outputs["examples"], num_classes=num_classes)
     return run_pipeline(tmp_path, [example_gen, *nodes.components()]), nodes
 
 
@@ -115,6 +115,17 @@ def test_a_train_split_of_a_single_class_stops_the_pipeline(tmp_path):
 
 
 @pytest.mark.slow
+def test_labels_the_model_has_no_output_for_stop_the_pipeline(tmp_path):
+    labels = {"train": list(range(10)), "eval": list(range(5))}
+    with pytest.raises(DataValidationError) as raised:
+        validation_pipeline(tmp_path, labels, num_classes=5)
+    message = str(raised.value)
+    assert "split 'train' has 'label' 9, but the model has 5 classes (0 to 4)" in message
+    assert "split 'eval'" not in message
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
 def test_an_eval_split_whose_images_were_all_skipped_stops_the_pipeline(tmp_path):
     span = write_test_span(tmp_path / "data", labels={"train": [1, 2], "eval": [1, 2]})
     for path in (span / "eval").glob("*/*.png"):
@@ -189,6 +200,11 @@ def test_statistics_problems_find_empty_splits_and_single_class_train_splits():
     assert statistics_problems(label_statistics(5, 0, 9), "train", "digit", True) == [
         "split 'train' has no statistics for the label feature 'digit'"
     ]
+    # Every split's labels must be below num_classes.
+    assert statistics_problems(label_statistics(5, 0, 9), "eval", "label", False, 10) == []
+    [past] = statistics_problems(label_statistics(5, 0, 3), "eval", "label", False, 3)
+    assert past.startswith("split 'eval' has 'label' 3, but the model has 3 classes (0 to 2);")
+    assert len(statistics_problems(label_statistics(5, 3, 3), "train", "label", True, 3)) == 2
 
 
 def test_the_curated_schema_states_the_data_contract():
