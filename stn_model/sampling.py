@@ -101,13 +101,22 @@ def _floor_and_fraction(pixel, size):
     (false for NaN and +-inf); the floor of a point outside is -1, so the cast is safe."""
     inside = (pixel >= -1.0) & (pixel < tf.cast(size, pixel.dtype))
     floor = tf.floor(tf.where(inside, pixel, -tf.ones_like(pixel)))
-    return tf.cast(floor, tf.int32), pixel - floor, inside
+    return tf.cast(floor, tf.int64), pixel - floor, inside
+
+
+def _top_left(shape, x0, y0):
+    """The rows of the top-left taps x0, y0 [B, H', W'] in the images of `shape` [B, H, W, C]
+    padded by one pixel and flattened to [-1, C]; int64, since a batch of big images can have
+    more than 2**31 padded pixels (and elements, which the backward pass indexes)."""
+    padded_width = shape[2] + 2
+    first = tf.range(shape[0]) * (shape[1] + 2) * padded_width
+    return tf.reshape(first, [-1, 1, 1]) + (y0 + 1) * padded_width + x0 + 1
 
 
 def _sample(images, x, y, scale_x, scale_y, nan):
     """Bilinear sample of images [B, H, W, C] at pixel coordinates x, y [B, H', W'] (NaN where
     the bool `nan` [B, H', W'] is true)."""
-    shape = tf.shape(images)
+    shape = tf.shape(images, out_type=tf.int64)
     batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
     x0, fx, x_in = _floor_and_fraction(x, width)
     y0, fy, y_in = _floor_and_fraction(y, height)
@@ -119,9 +128,7 @@ def _sample(images, x, y, scale_x, scale_y, nan):
     missed = tf.cast(tf.where(nan, float("nan"), 0.0), x.dtype)
     padded_width = width + 2
     padded_size = (height + 2) * padded_width
-    top_left = (
-        tf.reshape(tf.range(batch) * padded_size, [-1, 1, 1]) + (y0 + 1) * padded_width + x0 + 1
-    )
+    top_left = _top_left(shape, x0, y0)
     offsets = [0, 1, padded_width, padded_width + 1]
     padded = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]]), [-1, channels])
     t00, t01, t10, t11 = (tf.gather(padded, top_left + offset) for offset in offsets)

@@ -12,6 +12,7 @@ from scipy.ndimage import map_coordinates
 from stn_model import affine_grid, bilinear_sample, native, projective_grid, tps_grid
 from stn_model.grids import tps_control_points
 from stn_model.native.build import BUILD_COMMAND
+from stn_model.sampling import _floor_and_fraction, _top_left
 
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 MODES = [(padding, align) for padding in ("zeros", "border") for align in (False, True)]
@@ -344,3 +345,12 @@ def test_bad_arguments_raise(images, grid, kwargs, message):
 def test_integer_images_raise():
     with pytest.raises(ValueError, match="images must have a floating dtype, got int32"):
         bilinear_sample(tf.zeros([1, 2, 2, 1], tf.int32), tf.zeros([1, 2, 2, 2]))
+
+
+def test_tap_indices_of_a_batch_past_2_to_the_31_padded_pixels_do_not_overflow():
+    # In int32 these indices wrapped: under XLA, which clamps them, the pure-TF path read 0 at
+    # the last pixel of a 46,341 x 46,341 image (9 GB to run); so would a batch of big images.
+    size, padded = 40_000, 40_002
+    x0, _, _ = _floor_and_fraction(tf.fill([2, 1, 1], size - 1.0), size)
+    top_left = _top_left(tf.constant([2, size, size, 1], tf.int64), x0, x0)
+    assert top_left.numpy()[1, 0, 0] == padded * padded + size * padded + size
