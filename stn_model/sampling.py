@@ -82,6 +82,10 @@ def _compute_dtype(images, grid):
 def _source_coordinate(coord, size, padding_mode, align_corners):
     """Pixel coordinate of a normalized one, and its derivative with respect to it."""
     size = tf.cast(size, coord.dtype)
+    if padding_mode == "border":
+        # Every point beyond +-2 clamps to the edge: keep +-inf off the 0 scale of a one-pixel
+        # axis under align_corners (inf * 0 is NaN).
+        coord = tf.clip_by_value(coord, -2.0, 2.0)
     if align_corners:
         scale = (size - 1.0) * 0.5
         pixel = (coord + 1.0) * scale

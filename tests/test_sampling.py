@@ -286,6 +286,24 @@ def test_inf_coordinates_lie_outside_and_nan_coordinates_sample_nan(padding_mode
         assert not np.any(grid_grad_at_grid.numpy()[np.isinf(grid) & ~nan[..., None]])
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape", [(2, 1, 3, 2), (2, 3, 1, 2)])
+def test_inf_coordinates_read_the_edge_of_a_one_pixel_axis_under_border(shape, align_corners):
+    # With align_corners, a one-pixel axis scales coordinates by 0, and inf * 0 is NaN.
+    rng = np.random.default_rng(16)
+    images = tf.constant(rng.normal(size=shape), tf.float32)
+    weights = tf.constant(rng.normal(size=(2, 1, 4, 2)), tf.float32)
+    grid = np.array([[[np.inf, 0.2], [-np.inf, -0.5], [0.4, np.inf], [-0.3, -np.inf]]] * 2)
+    far = tf.constant(np.clip(grid, -1e6, 1e6)[:, None], tf.float32)
+    args = (images, tf.constant(grid[:, None], tf.float32), weights, "border", align_corners)
+    expected = sample_and_gradients(images, far, weights, "border", align_corners)
+    reference = reference_sample(images, far, "border", align_corners)
+    np.testing.assert_allclose(expected[0], reference, atol=1e-6)
+    for sample in (sample_and_gradients, tf.function(sample_and_gradients, jit_compile=True)):
+        for got, want in zip(sample(*args), expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("dtype", "tolerance"),
     [(tf.float16, 2e-2), (tf.bfloat16, 1e-1), (tf.float32, 1e-5), (tf.float64, 1e-12)],

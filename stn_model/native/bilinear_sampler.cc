@@ -131,6 +131,9 @@ class Sampler {
     // The top-left tap, the unclipped fraction and d pixel / d coord of `coord`; false when
     // no tap of the point lies on this axis of the image.
     bool Locate(S coord, int32_t* tap, S* fraction, S* derivative) const {
+      // Every point beyond +-2 clamps to the edge: keep +-inf off the 0 scale of a one-pixel
+      // axis under align_corners (inf * 0 is NaN). NaN stays NaN.
+      if (kBorder) coord = std::min(std::max(coord, S(-2)), S(2));
       S pixel = (coord + S(1)) * scale - offset;
       *derivative = scale;
       if (kBorder) {
