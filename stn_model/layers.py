@@ -135,8 +135,8 @@ class SpatialTransformer(keras.layers.Layer):
         than 1 needs inputs of a fixed height and width.
 
     Under mixed precision the localization net runs in the compute dtype, the head and the
-    grid in float32 (small errors in the transform move every pixel), and the sampling in
-    the compute dtype again.
+    grid in float32 (small errors in the transform move every pixel), and the sampling takes
+    and returns the compute dtype (computing in float32, as `bilinear_sample` does).
 
     `rectify(images)` returns (rectified, transform parameters, grid) for visualization;
     `stn_model.models.rectifier(model)` builds the sub-model input -> rectified image.
