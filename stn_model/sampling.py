@@ -5,7 +5,9 @@ Two implementations of one meaning. On CPU, `bilinear_sample` runs the native op
 stn_model.native.build`). It falls back to the pure-TF path when the library is not built or
 `STN_NATIVE_SAMPLER=0`, when a GPU is visible, inside XLA compilation (jit_compile=True), and
 while a SavedModel is traced (`tf.saved_model.save`, or the `portable_ops()` scope): TF Serving
-and fresh processes cannot run the custom op.
+and fresh processes cannot run the custom op. The choice is made when a function is traced: a
+tf.function traced outside XLA keeps the native op when a jit_compile function calls it later,
+and XLA refuses it; trace it within `portable_ops()`.
 
 The pure-TF path pads the image with one pixel of zeros, so that the four taps of every sample
 point that can touch the image lie inside the padded image: one index per point (its top-left

@@ -179,6 +179,19 @@ def test_tf_function_uses_the_native_op_and_xla_the_pure_path():
 
 
 @needs_native
+def test_a_function_traced_outside_xla_needs_the_portable_scope_to_run_inside_it():
+    images, grid = tf.zeros([1, 4, 4, 1]), tf.zeros([1, 3, 3, 2])
+    native_traced, portable_traced = tf.function(bilinear_sample), tf.function(bilinear_sample)
+    native_traced(images, grid)
+    with portable_ops():
+        portable_traced(images, grid)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="StnBilinearSample"):
+        tf.function(lambda i, g: native_traced(i, g), jit_compile=True)(images, grid)
+    xla = tf.function(lambda i, g: portable_traced(i, g), jit_compile=True)
+    np.testing.assert_array_equal(xla(images, grid), tf.zeros([1, 3, 3, 1]))
+
+
+@needs_native
 def test_unknown_batch_size():
     spec = [tf.TensorSpec([None, 6, 7, 3], tf.float64), tf.TensorSpec([None, 4, 5, 2], tf.float64)]
     weights_spec = tf.TensorSpec([None, 4, 5, 3], tf.float64)
