@@ -133,7 +133,6 @@ def _sample(images, x, y, scale_x, scale_y, nan):
     touches = x_in & y_in & ~nan  # under XLA, border clipping turns NaN into 0
     missed = tf.cast(tf.where(nan, float("nan"), 0.0), x.dtype)
     padded_width = width + 2
-    padded_size = (height + 2) * padded_width
     top_left = _top_left(shape, x0, y0)
     offsets = [0, 1, padded_width, padded_width + 1]
     padded = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]]), [-1, channels])
@@ -152,7 +151,7 @@ def _sample(images, x, y, scale_x, scale_y, nan):
                 tf.math.unsorted_segment_sum(
                     tf.reshape(weight * upstream, [-1]),
                     tf.reshape(elements + offset * channels, [-1]),
-                    batch * padded_size * channels,
+                    tf.size(padded, out_type=tf.int64),
                 )
                 for weight, offset in zip((w00, w01, w10, w11), offsets, strict=True)
             ]
