@@ -60,6 +60,7 @@ DEFAULT_IMAGE_SHAPE = (42, 42, 1)
 SKIPPED_COUNT_PROPERTY = "skipped_file_count"
 SKIPPED_FILES_PROPERTY = "skipped_files"
 SPANS_PROPERTY = "spans"
+LISTED_BAD_INPUTS = 20  # errors and warnings name this many bad inputs and count the rest
 _REJECTED = "rejected"
 _REJECTS_DIR_KEY = "_rejects_dir"
 _SPAN_PATTERNS_KEY = "_span_patterns"
@@ -407,13 +408,13 @@ class Executor(BaseExampleGenExecutor):
         if len(rejected) > max_bad_files:
             raise ValueError(
                 f"ImageExampleGen: {len(rejected)} bad input(s), more than max_bad_files="
-                f"{max_bad_files} allows skipping:\n  " + "\n  ".join(rejected)
+                f"{max_bad_files} allows skipping:\n  " + "\n  ".join(listed(rejected))
             )
         if rejected:
             logging.warning(
                 "ImageExampleGen skipped %d bad input(s):\n  %s",
                 len(rejected),
-                "\n  ".join(rejected),
+                "\n  ".join(listed(rejected)),
             )
         examples = artifact_utils.get_single_instance(
             output_dict[standard_component_specs.EXAMPLES_KEY]
@@ -432,6 +433,14 @@ def ingested_spans(examples):
     if spans is None:
         return (examples.get_int_custom_property(example_gen_utils.SPAN_PROPERTY_NAME),)
     return tuple(int(span) for span in spans)
+
+
+def listed(rejected):
+    """The first `LISTED_BAD_INPUTS` reject lines, and a count of the others: a data set of the
+    wrong image size would otherwise fill a screen per thousand images."""
+    if len(rejected) <= LISTED_BAD_INPUTS:
+        return list(rejected)
+    return [*rejected[:LISTED_BAD_INPUTS], f"... and {len(rejected) - LISTED_BAD_INPUTS} more"]
 
 
 def _read_rejected(rejects_dir):

@@ -366,8 +366,10 @@ def format_report(report):
         sizes = ", ".join(f"{split} {count:,}" for split, count in counts.items())
         lines.append(f"data: {span_label(spans)} ({sizes} examples)")
     if report.skipped:
+        from components.image_example_gen import listed
+
         lines.append(f"skipped: {len(report.skipped)} bad input(s) (max_bad_files allows it)")
-        lines.extend(f"  - {line}" for line in report.skipped)
+        lines.extend(f"  - {line}" for line in listed(report.skipped))
     if report.anomalies:
         lines.append(f"anomalies: {len(report.anomalies)}")
         lines.extend(f"  - {sentence}" for sentence in report.anomalies)

@@ -524,6 +524,19 @@ def test_bad_files_fail_the_run_naming_each_file_and_problem(tmp_path):
     assert "Downstream" not in node_states(metadata_config(tmp_path))
 
 
+def test_a_data_set_of_the_wrong_size_is_refused_naming_its_first_files(tmp_path):
+    data_root = tmp_path / "data"
+    span = write_test_span(data_root, size=28)  # all 30 images
+    with pytest.raises(ValueError, match="30 bad input") as raised:
+        run_pipeline(tmp_path, [ImageExampleGen(input_base=str(data_root))])
+    listing = str(raised.value).split("allows skipping:\n")[1].split("\n")
+    first = sorted(str(path) for path in span.glob("*/*/*.png"))[
+        : image_example_gen.LISTED_BAD_INPUTS
+    ]
+    assert [line.split(" decodes to")[0].strip() for line in listing[:-1]] == first
+    assert listing[-1].strip() == f"... and {30 - image_example_gen.LISTED_BAD_INPUTS} more"
+
+
 @pytest.mark.slow
 def test_max_bad_files_skips_bad_files_and_records_them(tmp_path, caplog):
     data_root = tmp_path / "data"

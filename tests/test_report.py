@@ -5,6 +5,7 @@ path that resolves inside the report folder, and every image a PNG that Pillow d
 """
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -394,3 +395,15 @@ def test_unknown_run_is_a_clear_error(tiny_run):
 def test_span_labels_name_one_span_or_a_window():
     assert summary.span_label((3,)) == "span 3"
     assert summary.span_label((2, 3, 4)) == "spans 2, 3, 4"
+
+
+def test_the_summary_names_the_first_skipped_inputs_and_counts_the_rest():
+    skipped = [
+        f"/data/span-1/train/1/{index:02d}.png is not a PNG or JPEG file" for index in range(25)
+    ]
+    results = dataclasses.replace(hand_built_facts().results, skipped=skipped)
+    text = summary.format_report(results)
+    assert "skipped: 25 bad input(s) (max_bad_files allows it)" in text
+    listed = [line for line in text.splitlines() if line.startswith("  - /data/")]
+    assert listed == [f"  - {line}" for line in skipped[:20]]
+    assert "  - ... and 5 more" in text
