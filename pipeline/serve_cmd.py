@@ -12,22 +12,30 @@ from pipeline.configs import PipelineConfig, check_directory
 log = logging.getLogger(__name__)
 
 
+def _parsed(convert, text, what):
+    """`convert(text)`, or an argparse error that says `text` is not `what`."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def _positive_float(text):
-    value = float(text)
+    value = _parsed(float, text, "a number of seconds")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
 def _port(text):
-    value = int(text)
+    value = _parsed(int, text, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text}")
     return value
 
 
 def _positive_int(text):
-    value = int(text)
+    value = _parsed(int, text, "a byte count")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive byte count, got {text}")
     return value

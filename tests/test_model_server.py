@@ -742,6 +742,23 @@ def test_serve_refuses_bad_arguments(argv, capsys):
     assert argv[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--port", "http"], "argument --port: 'http' is not a port number"),
+        (["--poll-seconds", "2s"], "argument --poll-seconds: '2s' is not a number of seconds"),
+        (["--max-request-bytes", "16M"], "argument --max-request-bytes: '16M' is not a byte"),
+    ],
+)
+def test_serve_says_what_a_malformed_number_should_be(argv, words, capsys):
+    """Not argparse's "invalid _port value", which names a private function."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", *argv])
+    err = capsys.readouterr().err
+    assert words in err
+    assert "invalid _" not in err
+
+
 def test_serve_command_serves_the_pushed_version_and_stops_on_sigterm(tmp_path, models, caplog):
     model_dir = tmp_path / "serving" / "stn"
     model_dir.mkdir(parents=True)
