@@ -10,6 +10,7 @@ import os
 import sys
 
 from pipeline.configs import load_config
+from pipeline.run_cmd import HOME_HELP
 
 
 def register(subparsers):
@@ -18,7 +19,7 @@ def register(subparsers):
         help="write an HTML report of the latest pipeline run (or --run RUN_ID)",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("--home", help="output home (default ./stn_home)")
+    parser.add_argument("--home", help=HOME_HELP)
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
     parser.add_argument("--run", metavar="RUN_ID", help="the pipeline run (default: the latest)")
     parser.set_defaults(func=run)

@@ -18,6 +18,7 @@ from pipeline.configs import RUNNING_MODES, PipelineConfig, check_directory, loa
 # Our loggers keep INFO (epoch lines, data set progress); the libraries' INFO lines, which
 # drown the progress lines, show with --verbose only.
 _OWN_LOGGERS = ("pipeline", "components", "stn_model")
+HOME_HELP = f"output home (default: the config's home, else {PipelineConfig.home})"
 
 
 def register(subparsers):
@@ -26,14 +27,17 @@ def register(subparsers):
         help="run the whole pipeline locally (makes the default data set if needed)",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("--data-root", help="data root of span-N folders (default <home>/data)")
+    parser.add_argument(
+        "--data-root",
+        help="data root of span-N folders (default: the config's data_root, else <home>/data)",
+    )
     add_run_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def add_run_arguments(parser):
     """The options that shape a pipeline run (shared with `watch`), all but --data-root."""
-    parser.add_argument("--home", help="output home (default ./stn_home)")
+    parser.add_argument("--home", help=HOME_HELP)
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields")
     parser.add_argument("--model", help="cnn, st_cnn_affine (default), st_cnn_projective, ...")
     parser.add_argument(

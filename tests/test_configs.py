@@ -108,3 +108,23 @@ def test_the_file_and_the_command_line_are_checked_together(tmp_path, capsys):
     assert cli.main(argv) == 2
     assert f"stn-pipeline run: config file {path}: " in capsys.readouterr().err
     assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "more"), [("run", []), ("watch", ["--data-root", "."]), ("report", [])]
+)
+def test_help_says_a_config_files_home_comes_before_the_default(tmp_path, capsys, command, more):
+    from pipeline import cli, run_cmd
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"home: {tmp_path / 'configured'}\n")
+    args = cli.build_parser().parse_args([command, "--config", str(path), *more])
+    if command == "report":  # as report_cmd.run reads it
+        config = load_config(args.config, home=args.home)
+    else:
+        config = run_cmd.config_from_args(args)
+    assert config.home_dir == str(tmp_path / "configured")
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--home HOME output home (default: the config's home, else ./stn_home)" in help_text
