@@ -1,8 +1,8 @@
 """`stn-pipeline run`: the whole pipeline on this machine, with progress and a summary.
 
 With no arguments: makes the default data set under ``<home>/data`` if it is not there, runs
-ImageExampleGen -> validation -> Trainer -> Evaluator -> ModelCheck -> Pusher with
-LocalDagRunner, and prints what happened. A failing component ends the command with exit
+ImageExampleGen -> validation -> Trainer -> Evaluator -> ModelCheck -> Pusher -> PushApproval
+with LocalDagRunner, and prints what happened. A failing component ends the command with exit
 status 1 and the component's error in words.
 """
 
