@@ -5,7 +5,9 @@ last. A push that fails on the way (a full disk, a killed run) leaves a newer ve
 that does not load, sometimes with a truncated saved_model.pb: model servers try it, and
 whatever takes the newest folder for the served model is wrong. This executor lets TFX's copy
 go to ``<base>/.incoming/`` (a name no model server reads as a version) and renames the
-finished folder into place, so serving sees the new version whole or not at all.
+finished folder into place, so serving sees the new version whole or not at all. (On an
+object store such as gs://, TensorFlow renames a folder object by object: there the window is
+narrowed, not closed.)
 """
 
 import os
