@@ -32,6 +32,13 @@ MODELS = (
 )
 # The models whose transformer the rotation equivariance loss can train (a composable one).
 EQUIVARIANT_MODELS = ("st_cnn_affine", "st_cnn_similarity", "st_cnn_projective", "st_fcn")
+ST_CNN_MODELS = tuple(name for name in MODELS if name.startswith("st_cnn_"))
+# Each transformer option (set away from its default) and the models that have what it sets.
+_TRANSFORMER_OPTIONS = {
+    "st_iterations": (1, (*ST_CNN_MODELS, "st_fcn")),
+    "full_resolution_localization": (False, ST_CNN_MODELS),
+    "localization_hidden_units": (None, ST_CNN_MODELS),
+}
 # A model name is a directory under serving/ and a segment of the URL /v1/models/<name>.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
@@ -148,6 +155,11 @@ class PipelineConfig:
             raise ValueError(
                 f"config field 'equivariance_weight' must be >= 0, got {self.equivariance_weight}"
             )
+        for name, (default, models) in _TRANSFORMER_OPTIONS.items():
+            if getattr(self, name) != default and self.model not in models:
+                raise ValueError(
+                    f"config field {name!r} needs a model of {models}, got model {self.model!r}"
+                )
         if self.equivariance_weight and self.model not in EQUIVARIANT_MODELS:
             raise ValueError(
                 f"config field 'equivariance_weight' needs a model of {EQUIVARIANT_MODELS}, "
