@@ -1,9 +1,9 @@
 """The model's preprocessing and export signatures (TensorFlow only, no TFX).
 
 Training and serving share one preprocessing: `DecodeImages` turns encoded PNG/JPEG bytes into
-float images in [0, 1] of the model's input shape, inside the graph; an image whose header says
-it has over `MAX_IMAGE_PIXELS` (4096 x 4096) pixels is refused before it is decoded. The
-exported SavedModel has
+float images in [0, 1] of the model's input shape, inside the graph; an image that is not a PNG
+or JPEG, or whose header says it has over `MAX_IMAGE_PIXELS` (4096 x 4096) pixels, is refused
+before it is decoded. The exported SavedModel has
 
 - ``serving_default``: ``images`` (1-D tf.string, encoded PNG or JPEG) -> ``probabilities``
   [B, num_classes] float32 and ``classes`` [B] int64;
@@ -40,46 +40,32 @@ def _model_image_size(model):
     return check_size(shape[1:3], "image_size")
 
 
-def _header_pixels(encoded):
-    """Width times height as the headers of encoded JPEG, PNG, GIF or BMP images (1-D
-    tf.string) say; 0 for other kinds. Vectorized but for JPEGs, whose size may sit anywhere."""
-    # The first 26 bytes of each, zero-padded: [B, 26].
-    header = tf.cast(tf.io.decode_raw(encoded, tf.uint8, fixed_length=26), tf.int64)
-
-    def number(start, size, big_endian=False):  # the unsigned integers in those header bytes
-        weights = [256**k for k in range(size)]
-        weights = tf.constant(weights[::-1] if big_endian else weights, tf.int64)
-        return tf.reduce_sum(header[:, start : start + size] * weights, axis=1)
-
-    def signed32(value):  # a BMP's height is negative for rows stored top-down
-        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+def _check_headers(encoded):
+    """An op that fails unless every image of `encoded` (1-D tf.string) is a PNG or JPEG whose
+    header gives it at most `MAX_IMAGE_PIXELS` pixels: decoding a larger one could take
+    gigabytes. (TensorFlow's decoder takes GIF and BMP too, but a GIF's size is that of its
+    largest frame, which may sit anywhere in the file.)"""
 
     def starts_with(magic):
         return tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic)
 
-    pixels = tf.zeros(tf.shape(encoded), tf.int64)
-    for magic, size in (
-        (b"BM", signed32(number(18, 4)) * signed32(number(22, 4))),
-        (b"GIF8", number(6, 2) * number(8, 2)),
-        (b"\x89PNG", number(16, 4, True) * number(20, 4, True)),
-    ):
-        pixels = tf.where(starts_with(magic), size, pixels)
-    is_jpeg = starts_with(b"\xff\xd8\xff")  # what tf.io.is_jpeg checks
-    jpeg_pixels = tf.map_fn(
+    is_png, is_jpeg = starts_with(b"\x89PNG\r\n\x1a\n"), starts_with(b"\xff\xd8\xff")
+    # A PNG's width and height: big-endian 4-byte integers at bytes 16 and 20.
+    header = tf.cast(tf.io.decode_raw(encoded, tf.uint8, fixed_length=24), tf.int64)
+    png_sides = tf.reshape(header[:, 16:24], [-1, 2, 4]) * [256**3, 256**2, 256, 1]
+    pixels = tf.where(is_png, tf.reduce_prod(tf.reduce_sum(png_sides, axis=2), axis=1), 0)
+    jpeg_pixels = tf.map_fn(  # a JPEG's size is in its start-of-frame segment, anywhere
         lambda image: tf.reduce_prod(tf.image.extract_jpeg_shape(image, tf.int64)[:2]),
         tf.boolean_mask(encoded, is_jpeg),
         fn_output_signature=tf.int64,
     )
-    return tf.tensor_scatter_nd_update(pixels, tf.where(is_jpeg), jpeg_pixels)
-
-
-def _refuse_huge_images(encoded):
-    """An op that fails if the header of an image in `encoded` (1-D tf.string) says it has over
-    `MAX_IMAGE_PIXELS` pixels: decoding it could take gigabytes."""
-    pixels = _header_pixels(encoded)
-    return tf.debugging.Assert(
-        tf.reduce_all(pixels <= MAX_IMAGE_PIXELS),
-        [f"an image is larger than {MAX_IMAGE_PIXELS} pixels:", tf.reduce_max(pixels)],
+    pixels = tf.tensor_scatter_nd_update(pixels, tf.where(is_jpeg), jpeg_pixels)
+    return tf.group(
+        tf.debugging.Assert(tf.reduce_all(is_png | is_jpeg), ["an image is not a PNG or JPEG"]),
+        tf.debugging.Assert(
+            tf.reduce_all(pixels <= MAX_IMAGE_PIXELS),
+            [f"an image is larger than {MAX_IMAGE_PIXELS} pixels:", tf.reduce_max(pixels)],
+        ),
     )
 
 
@@ -105,11 +91,11 @@ def decode_image(encoded, image_size):
     """One encoded PNG/JPEG (scalar tf.string) -> float32 [H, W, 1] in [0, 1].
 
     Colour images become grayscale (ITU-R 601 luma, alpha dropped); images of another size
-    are resized bilinearly to `image_size`. An image of over `MAX_IMAGE_PIXELS` pixels is an
-    InvalidArgumentError, raised before it is decoded.
+    are resized bilinearly to `image_size`. Another kind of image, or one of over
+    `MAX_IMAGE_PIXELS` pixels, is an InvalidArgumentError, raised before it is decoded.
     """
     height, width = check_size(image_size, "image_size")
-    with tf.control_dependencies([_refuse_huge_images(tf.reshape(encoded, [1]))]):
+    with tf.control_dependencies([_check_headers(tf.reshape(encoded, [1]))]):
         return _decode(encoded, height, width)
 
 
@@ -119,7 +105,7 @@ def decode_images(encoded, image_size):
     height, width = check_size(image_size, "image_size")
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
     encoded = tf.reshape(encoded, [-1])
-    with tf.control_dependencies([_refuse_huge_images(encoded)]):
+    with tf.control_dependencies([_check_headers(encoded)]):
         return tf.map_fn(
             lambda item: _decode(item, height, width),
             encoded,
