@@ -141,7 +141,8 @@ def _worker_env() -> dict[str, str]:
 def run_group(spec_path: str, num_workers: int, worker_module: str = WORKER_MODULE) -> str | None:
     """Runs one group of workers (`python -m worker_module SPEC --cluster H --index I`) to the
     end; returns None on success, else the first failure. The workers stop when it returns or
-    raises (SystemExit included)."""
+    raises (SystemExit included); the failure is told once its output is copied, so the
+    stderr lines it quotes end with the worker's last one."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in free_loopback_ports(num_workers))
     log.info("[launcher] cluster: %s", hosts)
     # -P: the installed worker module, not one in the directory the trainer runs in.
@@ -152,13 +153,12 @@ def run_group(spec_path: str, num_workers: int, worker_module: str = WORKER_MODU
         while True:
             codes = [w.process.poll() for w in workers]
             failed = [w for w, code in zip(workers, codes, strict=True) if code not in (None, 0)]
-            if failed:
-                return failed[0].failure()
-            if all(code == 0 for code in codes):
-                return None
+            if failed or all(code == 0 for code in codes):
+                break
             time.sleep(_POLL_S)
     finally:
         _stop(workers)
+    return failed[0].failure() if failed else None
 
 
 def _stop(workers: list[_Worker]) -> None:

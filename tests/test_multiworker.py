@@ -260,6 +260,33 @@ def test_workers_that_ignore_sigterm_are_stopped_together(tmp_path, monkeypatch,
     assert sum("ignored SIGTERM; killing it" in line for line in launcher_log) == 2
 
 
+NOISY_WORKER = """
+import sys
+for i in range(300):
+    print(f"warning {i}", file=sys.stderr)
+print("the last line: the real error", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+class SlowLog(logging.Handler):
+    """A log handler that takes 10 ms a line, as one that sends lines to a busy collector."""
+
+    def emit(self, record):
+        time.sleep(0.01)
+
+
+def test_a_failure_quotes_its_workers_stderr_to_the_last_line(tmp_path, monkeypatch):
+    (tmp_path / "noisy_worker.py").write_text(NOISY_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO)]))
+    logger = logging.getLogger("components.worker_launcher")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [SlowLog()])
+    failure = worker_launcher.run_group("spec.json", 1, worker_module="noisy_worker")
+    assert failure.startswith("worker-0 exited with code 1")
+    assert failure.endswith("warning 299\nthe last line: the real error")
+
+
 def test_workers_run_the_installed_module_not_one_in_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "components").mkdir()
     (tmp_path / "components" / "__init__.py").write_text("")
