@@ -97,6 +97,8 @@ class MultiWorkerConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not _is_count(self.max_restarts, minimum=0):
             raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        if not isinstance(self.mixed_precision, bool):  # a YAML "false" is a true string
+            raise ValueError(f"mixed_precision must be true or false, got {self.mixed_precision!r}")
         if self.backend == "kubernetes" and self.kubernetes is None:
             raise ValueError("backend 'kubernetes' needs the 'kubernetes' settings")
 

@@ -463,6 +463,8 @@ def test_config_is_validated_and_travels_in_custom_config():
         MultiWorkerConfig(num_workers=0)
     with pytest.raises(ValueError, match="backend"):
         MultiWorkerConfig(backend="slurm")
+    with pytest.raises(ValueError, match="mixed_precision must be true or false, got 'false'"):
+        MultiWorkerConfig.from_dict({"mixed_precision": "false"})
     with pytest.raises(ValueError, match="needs the 'kubernetes' settings"):
         MultiWorkerConfig(backend="kubernetes")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['workers'\]"):
