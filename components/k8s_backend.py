@@ -128,6 +128,9 @@ def build_job(
         ],
         "ports": [{"name": "grpc", "containerPort": k8s.port}],
         "resources": resources,
+        # The kubelet puts the end of a failed run's log into its terminated state's message
+        # (the worker writes no termination file): the error of a failed Job quotes it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

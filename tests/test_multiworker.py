@@ -599,6 +599,8 @@ def test_kubernetes_objects_validate_against_the_kubernetes_1_30_schemas():
     assert worker["resources"] == {"requests": expected, "limits": expected}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert worker["securityContext"]["readOnlyRootFilesystem"] is True
+    # a failed worker's terminated state carries its last log lines, which the error quotes
+    assert worker["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["nodeSelector"] == K8S.node_selector and pod["tolerations"] == K8S.tolerations
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "stn-home"
     assert worker["volumeMounts"][0]["mountPath"] == "/stn_home"
@@ -795,6 +797,7 @@ def _pod(job_name, index, result):
     terminated = {
         "exitCode": 1 if failed else 0,
         "reason": "Error" if failed else "Completed",
+        # the end of its log, as the kubelet sets it under FallbackToLogsOnError
         "message": "ValueError: no files match the patterns" if failed else None,
         "startedAt": "2026-11-25T14:01:00Z",
         "finishedAt": "2026-11-25T14:04:00Z",
