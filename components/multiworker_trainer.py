@@ -10,7 +10,7 @@ The Trainer module's `run_fn` should, for multi-worker training:
 - take the strategy from `tf.distribute.get_strategy()` (each worker runs `run_fn` inside a
   `MultiWorkerMirroredStrategy` scope), build and compile the model in `strategy.scope()`,
   use global batch = per-replica batch x `strategy.num_replicas_in_sync`;
-- read its shard with `components.input_shards.worker_records` inside
+- read its shard with `stn_model.input_shards.worker_records` inside
   `strategy.distribute_datasets_from_function`;
 - add `tf_keras.callbacks.BackupAndRestore(os.path.join(fn_args.model_run_dir, "backup"))`
   (that is where the launcher looks for the step it resumes from);

@@ -10,7 +10,7 @@ to ``fn_args.serving_model_dir``.
 
 Ready for multi-worker training (the contract of `components.multiworker_trainer`): `run_fn`
 uses the distribution strategy in scope (or the one passed in), reads each worker's shard with
-`components.input_shards.worker_records`, builds and compiles the model inside
+`stn_model.input_shards.worker_records`, builds and compiles the model inside
 ``strategy.scope()``, uses global batch = per-replica batch x replicas, backs up every epoch
 (``BackupAndRestore``), and only the chief writes TensorBoard logs and the export.
 """
@@ -27,9 +27,9 @@ import tempfile
 import tensorflow as tf
 import tf_keras as keras
 
-from components.input_shards import list_files, worker_records
 from stn_model import serving
 from stn_model.checks import is_int
+from stn_model.input_shards import list_files, worker_records
 from stn_model.keras_setup import skip_autograph_of_tf_keras
 
 logger = logging.getLogger(__name__)

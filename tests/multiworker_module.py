@@ -16,7 +16,7 @@ import time
 import tensorflow as tf
 import tf_keras as keras
 
-from components.input_shards import worker_records
+from stn_model.input_shards import worker_records
 
 IMAGE_SIZE = 12
 NUM_CLASSES = 10

@@ -28,13 +28,13 @@ from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import json_utils, proto_utils
 
 from components import k8s_backend, worker_launcher
-from components.input_shards import worker_records
 from components.k8s_backend import build_job, build_service, run_on_kubernetes
 from components.multiworker_config import CONFIG_KEY, KubernetesConfig, MultiWorkerConfig
 from components.multiworker_trainer import MultiWorkerExecutor, MultiWorkerTrainer, split_config
 from components.multiworker_worker import task_of, tf_config_for, worker_index
 from components.worker_launcher import WorkerGroupError, run_local
 from pipeline import cli
+from stn_model.input_shards import worker_records
 
 REPO = Path(__file__).resolve().parents[1]
 
