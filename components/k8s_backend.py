@@ -9,8 +9,10 @@ given the whole cluster on its command line, and takes its own index from
 Fault tolerance is Kubernetes' own: `restartPolicy: OnFailure` restarts a failed worker in
 place (the survivors fail on the broken collective and restart too), `backoffLimit` caps the
 restarts, and the Trainer module's BackupAndRestore checkpoint on the shared volume lets the
-group resume. The pipeline root lives on a PersistentVolumeClaim mounted at the same path in
-every worker, so the paths in the worker spec are valid there.
+group resume. A worker that fails after a peer has finished (the chief writing the export)
+cannot resume: restarted, it would wait for that peer's collectives until the Job's deadline,
+so the group fails then, quoting it. The pipeline root lives on a PersistentVolumeClaim mounted
+at the same path in every worker, so the paths in the worker spec are valid there.
 
 Cleanup does not rely on the trainer alone: the Job has an `activeDeadlineSeconds` and a
 `ttlSecondsAfterFinished`, belongs to the retraining pod when the trainer runs in one, and
@@ -379,6 +381,30 @@ def _pod_failures(pods) -> list[str]:
     return failures
 
 
+def _failed_after_a_peer_finished(pods) -> str | None:
+    """Why a worker failed after another one had finished, or None."""
+    finished = [
+        status.state.terminated.finished_at
+        for pod in pods
+        for status in pod.status.container_statuses or []
+        if status.state and status.state.terminated and status.state.terminated.exit_code == 0
+    ]
+    if not finished or None in finished:
+        return None
+    first = min(finished)
+    for pod in pods:
+        for status in pod.status.container_statuses or []:
+            for state in (status.state, status.last_state):
+                ended = state and state.terminated
+                if ended and ended.exit_code and ended.finished_at and ended.finished_at > first:
+                    message = f": {ended.message.strip()}" if ended.message else ""
+                    return (
+                        f"worker pod {pod.metadata.name} failed (exit code {ended.exit_code}, "
+                        f"{ended.reason}) after a peer had finished, so it cannot resume{message}"
+                    )
+    return None
+
+
 def _wait_for_job(
     batch: client.BatchV1Api, namespace: str, name: str, check_pods, timeout_s: int
 ) -> tuple[str, str]:
@@ -461,6 +487,8 @@ def run_on_kubernetes(
             pods = logs.pods()
             logs.follow_started(pods)
             startup.check(pods, time.monotonic())
+            if stranded := _failed_after_a_peer_finished(pods):
+                raise WorkerGroupError(stranded)
 
         outcome, detail = _wait_for_job(batch, namespace, name, check_pods, k8s.poll_timeout_s)
         logs.finish()

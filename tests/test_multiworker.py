@@ -28,7 +28,12 @@ from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import json_utils, proto_utils
 
 from components import k8s_backend, worker_launcher
-from components.k8s_backend import build_job, build_service, run_on_kubernetes
+from components.k8s_backend import (
+    _failed_after_a_peer_finished,
+    build_job,
+    build_service,
+    run_on_kubernetes,
+)
 from components.multiworker_config import CONFIG_KEY, KubernetesConfig, MultiWorkerConfig
 from components.multiworker_trainer import MultiWorkerExecutor, MultiWorkerTrainer, split_config
 from components.multiworker_worker import task_of, tf_config_for, worker_index
@@ -821,8 +826,11 @@ def waiting(reason, message=None):
     return {"waiting": {"reason": reason, "message": message}}
 
 
-def worker_pod(index, phase, state=None, restarts=0, conditions=(), job_name="stn-trainer-1"):
-    """A worker pod of the job as the API server returns it (the worker container in `state`)."""
+def worker_pod(
+    index, phase, state=None, restarts=0, conditions=(), job_name="stn-trainer-1", last_state=None
+):
+    """A worker pod of the job as the API server returns it (the worker container in `state`,
+    its previous run in `last_state`)."""
     status = {"phase": phase, "conditions": list(conditions)}
     if state:
         status["containerStatuses"] = [
@@ -833,6 +841,7 @@ def worker_pod(index, phase, state=None, restarts=0, conditions=(), job_name="st
                 "image": K8S.image,
                 "imageID": "",
                 "state": state,
+                "lastState": last_state or {},
             }
         ]
     return {
@@ -1117,3 +1126,62 @@ def test_the_trainers_role_grants_exactly_the_calls_the_backend_makes(outside_a_
 def test_kubernetes_backend_needs_the_spec_on_the_shared_volume():
     with pytest.raises(ValueError, match="mount_path"):
         run_on_kubernetes("stn-trainer-1", "/tmp/spec.json", K8S_CONFIG, api_client=object())
+
+
+def ended(exit_code, finished_at, message=None):
+    """A terminated container state that ended at `finished_at` (HH:MM on the test's day)."""
+    reason = "Error" if exit_code else "Completed"
+    stamp = f"2026-11-25T14:{finished_at}:00Z"
+    return {
+        "terminated": {
+            "exitCode": exit_code,
+            "reason": reason,
+            "message": message,
+            "startedAt": "2026-11-25T14:01:00Z",
+            "finishedAt": stamp,
+        }
+    }
+
+
+DISK_FULL = "OSError: [Errno 28] No space left on device"
+
+
+@pytest.mark.parametrize(
+    "fake_apiserver",
+    [
+        {
+            "job_result": None,
+            "pod_script": [
+                [worker_pod(0, "Running", RUNNING), worker_pod(1, "Running", RUNNING)],
+                # Worker 1 finished at 14:04; the chief failed writing the export at 14:05 and
+                # runs again, waiting for worker 1's collectives.
+                [
+                    worker_pod(0, "Running", RUNNING, 1, last_state=ended(1, "05", DISK_FULL)),
+                    worker_pod(1, "Succeeded", ended(0, "04")),
+                ],
+            ],
+        }
+    ],
+    indirect=True,
+)
+@pytest.mark.timeout(60)  # without the check, the trainer would wait for poll_timeout_s
+def test_a_worker_that_fails_after_a_peer_finished_fails_the_group(fake_apiserver):
+    with pytest.raises(WorkerGroupError) as failure:
+        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
+    assert str(failure.value) == (
+        "worker pod stn-trainer-1-0-x7k0 failed (exit code 1, Error) after a peer had finished, "
+        f"so it cannot resume: {DISK_FULL}"
+    )
+
+
+def test_workers_that_failed_before_any_peer_finished_are_not_stranded():
+    # Both failed at 14:03 and ran again together; then both finished: a normal recovery.
+    pods = [
+        worker_pod(i, "Succeeded", ended(0, f"0{4 + i}"), 1, last_state=ended(1, "03"))
+        for i in range(2)
+    ]
+    assert _failed_after_a_peer_finished([as_model(pod) for pod in pods]) is None
+    pods[1] = worker_pod(1, "Running", RUNNING, 2, last_state=ended(1, "06"))
+    assert "stn-trainer-1-1-x7k1 failed" in _failed_after_a_peer_finished(
+        [as_model(pod) for pod in pods]
+    )
