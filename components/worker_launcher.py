@@ -135,6 +135,9 @@ def _worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env.update(TF_USE_LEGACY_KERAS="1", PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines are noise here
+    # Every local worker sees every GPU, and TensorFlow would give the first to start almost
+    # all of each GPU's memory: the others would fail to allocate.
+    env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     return env
 
 

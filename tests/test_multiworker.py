@@ -292,6 +292,24 @@ def test_a_failure_quotes_its_workers_stderr_to_the_last_line(tmp_path, monkeypa
     assert failure.endswith("warning 299\nthe last line: the real error")
 
 
+ENV_WORKER = """
+import json, os, sys
+names = ["TF_CONFIG", "TF_FORCE_GPU_ALLOW_GROWTH"]
+print(json.dumps({name: os.environ.get(name) for name in names}), file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_workers_share_gpus_by_growth_and_get_no_inherited_tf_config(tmp_path, monkeypatch):
+    (tmp_path / "env_worker.py").write_text(ENV_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO)]))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["elsewhere:1"]}}')
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    failure = worker_launcher.run_group("spec.json", 1, worker_module="env_worker")
+    environment = json.loads(failure.rsplit("\n", 1)[1])
+    assert environment == {"TF_CONFIG": None, "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
 def test_workers_run_the_installed_module_not_one_in_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "components").mkdir()
     (tmp_path / "components" / "__init__.py").write_text("")
