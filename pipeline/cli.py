@@ -69,6 +69,9 @@ def main(argv=None):
     with sigterm_exits():
         try:
             return args.func(args)
+        except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
+            print(f"stn-pipeline {args.command}: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
         except OSError as error:  # a path that cannot be read or written: which, and why
             logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
             where = f"{error.filename}: " if error.filename else ""

@@ -1,4 +1,8 @@
-"""Paths a command cannot use: a clear error naming the path, exit status 2, nothing written."""
+"""How commands stop on bad paths (an error naming the path, exit 2, nothing written) and Ctrl-C."""
+
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -67,4 +71,16 @@ def test_an_os_error_no_check_foresaw_is_one_line_not_a_traceback(tmp_path, caps
     assert cli.main(["data", "--out", str(out), "--per-class", "1", "--copies", "1"]) == 1
     err = capsys.readouterr().err
     assert f"stn-pipeline data: {out}" in err and "File name too long" in err
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_a_command_with_a_line_not_a_traceback(tmp_path):
+    command = [sys.executable, "-m", "pipeline.cli", "data", "--out", str(tmp_path / "d")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline().startswith("writing 40000 rts images")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "stn-pipeline data: interrupted"
+    assert out == ""  # the finished span's path is printed only when it is whole
     assert "Traceback" not in err
