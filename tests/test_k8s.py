@@ -779,6 +779,18 @@ def test_the_image_installs_the_pinned_stack():
     assert image["newTag"] == pyproject()["project"]["version"]
 
 
+def test_every_installed_distribution_is_pinned():
+    """scripts/setup.sh installs nothing that constraints.txt leaves to the resolver."""
+    pins = constraint_pins()
+    project = _normalized(pyproject()["project"]["name"])
+    loose = set()
+    for dist in importlib.metadata.distributions():
+        name = _normalized(dist.metadata["Name"])
+        if name != project and pins.get(name) != dist.version.split("+")[0]:
+            loose.add(f"{name}=={dist.version}")
+    assert loose == set()
+
+
 def hadolint(dockerfile_text):
     """hadolint's findings for a Dockerfile (any finding, even informational, counts)."""
     if HADOLINT is None:
