@@ -1,0 +1,78 @@
+"""scripts/setup.sh, run on a copy of its inputs whose .venv's python only records its calls."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Stands in for .venv/bin/python: logs its arguments; pip fails when FAIL_PIP is set.
+RECORDING_PYTHON = """#!/bin/sh
+echo "$*" >> "$(dirname "$0")/../calls.log"
+[ -z "$FAIL_PIP" ] || [ "$1 $2" != "-m pip" ]
+"""
+# Stands in for df: the free-space check passes whatever this machine has left.
+ROOMY_DF = """#!/bin/sh
+echo "Filesystem 1048576-blocks Used Available Capacity Mounted on"
+echo "fake 100000 0 100000 0% /"
+"""
+
+
+def executable(path, text):
+    """Writes a script at `path`, executable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """What setup.sh reads, under a path with a space, and a .venv that records pip's calls."""
+    root = tmp_path / "a checkout"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("scripts/setup.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, root / name)
+    executable(root / ".venv" / "bin" / "python", RECORDING_PYTHON)
+    executable(tmp_path / "bin" / "df", ROOMY_DF)
+    return root
+
+
+def run_setup(checkout, **env):
+    """Runs setup.sh from another directory; -> (exit status, pip's calls)."""
+    log = checkout / ".venv" / "calls.log"
+    log.unlink(missing_ok=True)
+    result = subprocess.run(
+        ["bash", str(checkout / "scripts" / "setup.sh")],
+        cwd=checkout.parent,
+        env={
+            **os.environ,
+            "PATH": f"{checkout.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PYTHON": sys.executable,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    calls = log.read_text().splitlines() if log.exists() else []
+    return result.returncode, [c for c in calls if c.startswith("-m pip")]
+
+
+def test_every_install_is_pinned_build_backend_included(checkout):
+    returncode, installs = run_setup(checkout)
+    assert returncode == 0
+    assert installs and all("-c constraints.txt" in call for call in installs)
+    [project] = [call for call in installs if " -e " in call]
+    # An isolated build would install the newest setuptools, whatever constraints.txt pins.
+    assert "--no-build-isolation" in project.split()
+
+
+def test_the_install_is_skipped_only_after_one_that_succeeded(checkout):
+    returncode, installs = run_setup(checkout, FAIL_PIP="1")
+    assert returncode != 0 and installs
+    assert not (checkout / ".venv" / ".installed").exists()
+    assert run_setup(checkout)[0] == 0
+    assert run_setup(checkout) == (0, [])
