@@ -24,7 +24,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: .venv needs about 5,000 MB of free disk, $(pwd) has $free_mb MB" >&2
     exit 1
   fi
-  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  # A .venv whose creation was cut short (Ctrl-C in its first seconds) has a python but no pip.
+  .venv/bin/python -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv --clear .venv
   echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
     || .venv/bin/python -m pip install --quiet --upgrade "pip<26"

@@ -1,4 +1,4 @@
-"""scripts/setup.sh, run on a copy of its inputs whose .venv's python only records its calls."""
+"""scripts/setup.sh, run on a copy of its inputs with stand-ins for Python, its .venv and df."""
 
 import os
 import shutil
@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Stands in for .venv/bin/python: logs its arguments; pip fails when FAIL_PIP is set.
+# Stands in for .venv/bin/python: logs its arguments; pip install fails when FAIL_PIP is set.
 RECORDING_PYTHON = """#!/bin/sh
 echo "$*" >> "$(dirname "$0")/../calls.log"
-[ -z "$FAIL_PIP" ] || [ "$1 $2" != "-m pip" ]
+[ -z "$FAIL_PIP" ] || [ "$1 $2 $3" != "-m pip install" ]
+"""
+# Stands in for Python 3.11: `-m venv` makes a .venv with the recording python.
+BASE_PYTHON = f"""#!/bin/sh
+if [ "$1 $2" = "-m venv" ]; then
+  rm -rf .venv && mkdir -p .venv/bin && cp "$(dirname "$0")/recording-python" .venv/bin/python
+  exit
+fi
+exec "{sys.executable}" "$@"
 """
 # Stands in for df: the free-space check passes whatever this machine has left.
 ROOMY_DF = """#!/bin/sh
@@ -30,12 +38,13 @@ def executable(path, text):
 
 @pytest.fixture
 def checkout(tmp_path):
-    """What setup.sh reads, under a path with a space, and a .venv that records pip's calls."""
+    """What setup.sh reads, under a path with a space; its .venv's python records pip's calls."""
     root = tmp_path / "a checkout"
     (root / "scripts").mkdir(parents=True)
     for name in ("scripts/setup.sh", "pyproject.toml", "constraints.txt"):
         shutil.copy(REPO / name, root / name)
-    executable(root / ".venv" / "bin" / "python", RECORDING_PYTHON)
+    executable(tmp_path / "bin" / "recording-python", RECORDING_PYTHON)
+    executable(tmp_path / "bin" / "python3.11", BASE_PYTHON)
     executable(tmp_path / "bin" / "df", ROOMY_DF)
     return root
 
@@ -50,7 +59,7 @@ def run_setup(checkout, **env):
         env={
             **os.environ,
             "PATH": f"{checkout.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "PYTHON": sys.executable,
+            "PYTHON": str(checkout.parent / "bin" / "python3.11"),
             **env,
         },
         capture_output=True,
@@ -58,7 +67,7 @@ def run_setup(checkout, **env):
         check=False,
     )
     calls = log.read_text().splitlines() if log.exists() else []
-    return result.returncode, [c for c in calls if c.startswith("-m pip")]
+    return result.returncode, [c for c in calls if c.startswith("-m pip install")]
 
 
 def test_every_install_is_pinned_build_backend_included(checkout):
@@ -76,3 +85,10 @@ def test_the_install_is_skipped_only_after_one_that_succeeded(checkout):
     assert not (checkout / ".venv" / ".installed").exists()
     assert run_setup(checkout)[0] == 0
     assert run_setup(checkout) == (0, [])
+
+
+def test_a_venv_cut_short_before_pip_is_made_again(checkout):
+    """Ctrl-C while `python -m venv` runs ensurepip leaves a python without pip."""
+    executable(checkout / ".venv" / "bin" / "python", "#!/bin/sh\nexit 1\n")
+    returncode, installs = run_setup(checkout)
+    assert returncode == 0 and installs
