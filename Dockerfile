@@ -25,11 +25,9 @@ COPY constraints.txt pyproject.toml README.md ./
 COPY stn_model/ stn_model/
 COPY components/ components/
 COPY pipeline/ pipeline/
-# --no-build-isolation: the package is built with the pinned setuptools and wheel installed first.
 # -P: build next to the installed package in site-packages, not next to /src/stn_model.
 RUN /opt/venv/bin/pip install -c constraints.txt "pip<26" setuptools wheel \
- && /opt/venv/bin/pip install --no-build-isolation -c constraints.txt . \
-    ${TF_EXTRAS:+"tensorflow[${TF_EXTRAS}]"} \
+ && /opt/venv/bin/pip install -c constraints.txt . ${TF_EXTRAS:+"tensorflow[${TF_EXTRAS}]"} \
  && /opt/venv/bin/python -P -m stn_model.native.build
 
 FROM python:3.11.11-slim-bookworm

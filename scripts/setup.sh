@@ -29,8 +29,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
     || .venv/bin/python -m pip install --quiet --upgrade "pip<26"
-  # Built with the pinned setuptools just installed: an isolated build would take the newest one.
-  .venv/bin/python -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[dev]" \
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" \
     2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
   echo "setup: done" >&2

@@ -768,9 +768,7 @@ def test_the_image_installs_the_pinned_stack():
     env = " ".join(args for name, args in instructions if name == "ENV")
     assert "PIP_IGNORE_REQUIRES_PYTHON=1" in env.split()
     installs = [args for name, args in instructions if name == "RUN" and "pip install" in args]
-    # Built with the pinned setuptools: an isolated build would take the newest one.
-    project_install = r"pip install --no-build-isolation -c constraints\.txt \.(\s|$)"
-    assert any(re.search(project_install, run) for run in installs)
+    assert any(re.search(r"pip install -c constraints\.txt \.(\s|$)", run) for run in installs)
     pins = constraint_pins()
     requirements = [re.split(r"[<>=!\[; ]", r)[0] for r in pyproject()["project"]["dependencies"]]
     unpinned = [r for r in requirements if _normalized(r) not in pins]
@@ -779,6 +777,15 @@ def test_the_image_installs_the_pinned_stack():
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
     [image] = [i for i in base["images"] if i["name"] == PROJECT_IMAGE]
     assert image["newTag"] == pyproject()["project"]["version"]
+
+
+def test_the_build_backend_is_pinned_as_constraints_txt_pins_it():
+    """pip builds the package in an isolated environment, which ignores -c constraints.txt:
+    only the build-system requirements pin the backend there."""
+    pins = constraint_pins()
+    for requirement in pyproject()["build-system"]["requires"]:
+        name, version = requirement.split("==")
+        assert pins[_normalized(name)] == version, requirement
 
 
 def test_every_installed_distribution_is_pinned():
