@@ -8,16 +8,19 @@ The trainer must depend on the gate: `trainer.add_upstream_node(nodes.gate)`.
 """
 
 import dataclasses
-import hashlib
+import os
 from pathlib import Path
 from typing import ClassVar
 
 import tensorflow_data_validation as tfdv
+from google.protobuf import text_format
+from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import types
 from tfx.components import ExampleValidator, SchemaGen, StatisticsGen
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
-from tfx.dsl.components.base import base_component
-from tfx.types import standard_artifacts
+from tfx.dsl.components.base import base_component, base_executor, executor_spec
+from tfx.dsl.io import fileio
+from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ExecutionParameter
 from tfx.types.standard_component_specs import ImportSchemaGenSpec
 
@@ -29,20 +32,34 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "schema.pbtxt"
 class _CuratedSchemaSpec(ImportSchemaGenSpec):
     PARAMETERS: ClassVar = {
         **ImportSchemaGenSpec.PARAMETERS,
-        "schema_sha256": ExecutionParameter(type=str),
+        "schema_text": ExecutionParameter(type=str),
     }
 
 
+class CuratedSchemaExecutor(base_executor.BaseExecutor):
+    """Writes the schema text the component carries (a compiled step needs no file of the
+    machine that compiled it), after checking that it parses as a Schema."""
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        text = exec_properties["schema_text"]
+        text_format.Parse(text, schema_pb2.Schema())
+        folder = artifact_utils.get_single_uri(output_dict["schema"])
+        fileio.makedirs(folder)
+        with fileio.open(os.path.join(folder, "schema.pbtxt"), "w") as handle:
+            handle.write(text)
+
+
 class CuratedSchemaGen(ImportSchemaGen):
-    """ImportSchemaGen whose cache key holds the schema's content, not only its path: an edited
-    schema is imported again, so new spans are checked against it."""
+    """ImportSchemaGen that carries the schema's text, not only its path: an edited schema is
+    imported again in a cached run, and a Kubeflow step imports it where the file is absent."""
 
     SPEC_CLASS = _CuratedSchemaSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(CuratedSchemaExecutor)
 
     def __init__(self, schema_file):
         spec = _CuratedSchemaSpec(
             schema_file=str(schema_file),
-            schema_sha256=hashlib.sha256(Path(schema_file).read_bytes()).hexdigest(),
+            schema_text=Path(schema_file).read_text(),
             schema=types.Channel(type=standard_artifacts.Schema),
         )
         base_component.BaseComponent.__init__(self, spec=spec)

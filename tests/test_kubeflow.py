@@ -334,6 +334,30 @@ def test_compiled_paths_are_the_cluster_home(package):
     assert destination == {"filesystem": {"base_directory": "/stn/home/serving/stn"}}
 
 
+def test_the_compiled_schema_import_needs_no_file_of_the_compiling_machine(package, tmp_path):
+    from tfx.types import standard_artifacts
+    from tfx.utils import import_utils
+
+    from pipeline.validation import SCHEMA_FILE
+
+    spec = _parse_package(package)
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    args = executors["ImportSchemaGen_executor"]["container"]["args"]
+    executor = import_utils.import_class_by_path(args[args.index("--executor_class_path") + 1])
+    parameters = json_format.MessageToDict(spec.root)["dag"]["tasks"]["ImportSchemaGen"]
+    exec_properties = {
+        name: _constant(package, "ImportSchemaGen", name)
+        for name in parameters["inputs"]["parameters"]
+    }
+    # The step runs in the image, where the compiling checkout's schema file does not exist.
+    assert exec_properties["schema_file"] == str(SCHEMA_FILE)
+    exec_properties["schema_file"] = str(tmp_path / "absent" / "schema.pbtxt")
+    schema = standard_artifacts.Schema()
+    schema.uri = str(tmp_path / "schema")
+    executor().Do({}, {"schema": [schema]}, exec_properties)
+    assert (tmp_path / "schema" / "schema.pbtxt").read_text() == SCHEMA_FILE.read_text()
+
+
 def test_the_config_files_home_is_kept_and_home_overrides_it(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("home: /mnt/stn\n")
