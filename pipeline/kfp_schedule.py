@@ -115,6 +115,11 @@ def upload(client, package_path, pipeline_name):
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         pipeline = client.upload_pipeline(package_path, pipeline_name=pipeline_name)
+        if not pipeline.pipeline_id:  # an answer that is not KFP's JSON, e.g. a login page
+            raise RuntimeError(
+                f"the host answered the upload of {pipeline_name} without a pipeline id: --host "
+                "must be the KFP API server (e.g. http://ml-pipeline.kubeflow:8888)"
+            )
         versions = client.list_pipeline_versions(
             pipeline.pipeline_id, page_size=1, sort_by="created_at desc"
         ).pipeline_versions

@@ -714,3 +714,34 @@ def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkey
     error = capsys.readouterr().err
     assert error.startswith("stn-pipeline schedule: ")
     assert f"port={port}" in error and "Connection refused" in error
+
+
+def test_schedule_says_when_the_host_is_not_the_kfp_api(package, tmp_path, monkeypatch, capsys):
+    class Page(http.server.BaseHTTPRequestHandler):
+        """Answers every request with an HTML page, as a dashboard's login page does."""
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            data = b"<html><body>Log in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = do_GET
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        argv = ["schedule", "--host", host, "--cron", "0 3 * * *", "--package", str(package)]
+        assert cli.main(argv) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "--host must be the KFP API server" in capsys.readouterr().err
