@@ -11,6 +11,10 @@ import tempfile
 
 from pipeline import compile_cmd
 
+# What `add_compile_arguments` options change in a compiled package (not --config: it names
+# the pipeline); with --package they would do nothing.
+_COMPILE_ONLY = ("home", "data_root", "image", "pipeline_root")
+
 
 def register(subparsers):
     parser = subparsers.add_parser(
@@ -46,6 +50,14 @@ def run(args):
     try:
         kfp_schedule.kfp_cron(args.cron)
         if args.package:
+            ignored = [
+                f"--{name.replace('_', '-')}" for name in _COMPILE_ONLY if getattr(args, name)
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)} shape(s) a package as it is compiled; with --package "
+                    "nothing is compiled: compile again, or leave them out"
+                )
             kfp_schedule.check_package(args.package)
         with tempfile.TemporaryDirectory(prefix="stn-kfp-") as folder:
             if args.package:

@@ -704,6 +704,12 @@ def test_schedule_rejects_a_package_it_cannot_upload_before_calling_kubeflow(
     assert kfp_server.calls == []
 
 
+def test_schedule_refuses_compile_options_a_package_would_ignore(kfp_server, package, capsys):
+    assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--image", "stn:new") == 2
+    assert "--image shape(s) a package as it is compiled" in capsys.readouterr().err
+    assert kfp_server.calls == []
+
+
 def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     with socket.socket() as probe:  # a loopback port that nothing listens on once closed
