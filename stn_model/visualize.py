@@ -124,7 +124,7 @@ def plot_training_curves(histories, path, title=None):
     """Save a PNG with one panel per metric, one line per run.
 
     histories: {run name: {metric: [value per epoch]}}, e.g. {"cnn": model.fit(...).history}.
-    A metric "val_x" is drawn dashed in the panel of "x".
+    A metric "val_x" is drawn dashed, with hollow markers, in the panel of "x".
     """
     if not isinstance(histories, dict) or not histories:
         raise ValueError("histories must be a non-empty dict {run name: {metric: values}}")
@@ -142,17 +142,19 @@ def plot_training_curves(histories, path, title=None):
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], metrics, strict=True):
         for k, (run, history) in enumerate(histories.items()):
-            for prefix, style in (("", "-"), ("val_", "--")):
+            for prefix, style, fill in (("", "-", "full"), ("val_", "--", "none")):
                 values = history.get(prefix + metric)
                 if values is None:
                     continue
                 epochs = np.arange(1, len(values) + 1)
                 label = f"{run} ({'eval' if prefix else 'train'})"
+                colour = colours[k % len(colours)]
                 ax.plot(
-                    epochs, values, style, marker="o", color=colours[k % len(colours)], label=label
+                    epochs, values, style, marker="o", fillstyle=fill, color=colour, label=label
                 )
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        # whole epochs only, also for one epoch (the default min_n_ticks=2 falls back to 0.96, ...)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)

@@ -129,6 +129,23 @@ def test_plot_training_curves_writes_png(tmp_path):
     assert_png(path)
 
 
+def test_one_epoch_curves_tell_train_from_eval_on_whole_epochs(tmp_path, monkeypatch):
+    # One epoch draws one point per line: no dash to tell eval from train, no range of epochs.
+    saved = []
+    monkeypatch.setattr(visualize, "_save", lambda figure, path, title: saved.append(figure))
+    plot_training_curves({"model": {"loss": [2.3], "val_loss": [2.2]}}, tmp_path / "x.png")
+    [ax] = saved[0].axes
+    train, evaluation = ax.get_legend().legend_handles
+    assert (train.get_marker(), train.get_fillstyle()) != (
+        evaluation.get_marker(),
+        evaluation.get_fillstyle(),
+    )
+    saved[0].canvas.draw()
+    low, high = ax.get_xlim()
+    shown = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert shown == [1.0]
+
+
 def test_plot_slice_metrics_writes_png(tmp_path):
     path = tmp_path / "slices.png"
     plot_slice_metrics(
