@@ -233,6 +233,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.files) % 2:
         parser.error(f"give pairs of predictions files (A B ...), got {len(args.files)} files")
+    if args.names[0] == args.names[1]:
+        parser.error(f"--names needs two different names, got {' '.join(args.names)}")
     runs = [load_predictions(path) for path in args.files]
     for name, files in zip(args.names, (args.files[0::2], args.files[1::2]), strict=True):
         print(f"{name}: {', '.join(files)}")

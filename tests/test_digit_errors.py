@@ -180,19 +180,20 @@ def test_command_line_pairs_two_seeds(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "b, message",
+    "b, options, message",
     [
-        (None, "give pairs of predictions files"),
-        ({"labels": [1], "sources": [2]}, "read different source digits"),
-        ({"labels": [4], "sources": [1]}, "source digit 1 has different labels in"),
+        (None, [], "give pairs of predictions files"),
+        ({"labels": [1], "sources": [2]}, [], "read different source digits"),
+        ({"labels": [4], "sources": [1]}, [], "source digit 1 has different labels in"),
+        ({"labels": [1], "sources": [1]}, ["--names", "cnn", "cnn"], "two different names"),
     ],
 )
-def test_command_line_usage_errors(tmp_path, b, message):
+def test_command_line_usage_errors(tmp_path, b, options, message):
     files = [write(tmp_path / "a.npz", [1], [1], [1])]
     if b:
         files.append(write(tmp_path / "b.npz", [1], b["labels"], b["sources"]))
     done = subprocess.run(
-        [sys.executable, "benchmarks/digit_errors.py", *files],
+        [sys.executable, "benchmarks/digit_errors.py", *files, *options],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
