@@ -214,13 +214,16 @@ def percent(angle_bin):
 
 def plot_errors_by_angle(tables, labels, what, path):
     """A PNG bar chart of each model's error % per angle bin (labelled `labels`) of `tables`
-    (see `compare`)."""
+    (see `compare`); a bin without images has no bar (no error rate, not 0%)."""
     from stn_model.visualize import plot_slice_metrics
 
     by_bin = {
-        f"{label} degrees": {f"{name}: error %": percent(t[i]) for name, t in tables.items()}
+        f"{label} degrees": {
+            f"{name}: error %": percent(t[i]) for name, t in tables.items() if t[i][2]
+        }
         for i, label in enumerate(labels)
     }
+    by_bin = {label: bars for label, bars in by_bin.items() if bars}
     plot_slice_metrics(by_bin, path, title=f"Errors by {what}", share_y=True)
     print(f"written: {path}")
 

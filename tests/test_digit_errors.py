@@ -179,6 +179,16 @@ def test_command_line_pairs_two_seeds(tmp_path):
             assert image.format == "PNG" and min(image.size) > 100
 
 
+def test_angle_bins_without_images_get_no_bar(tmp_path, monkeypatch):
+    from stn_model import visualize
+
+    drawn = []
+    monkeypatch.setattr(visualize, "plot_slice_metrics", lambda bins, *_, **__: drawn.append(bins))
+    tables = {"A": [(0, 15, 4, 1), (15, 45, 0, 0)], "B": [(0, 15, 4, 2), (15, 45, 0, 0)]}
+    digit_errors.plot_errors_by_angle(tables, ["0-15", "15-45"], "angle", tmp_path / "x.png")
+    assert drawn == [{"0-15 degrees": {"A: error %": 25.0, "B: error %": 50.0}}]
+
+
 @pytest.mark.parametrize(
     "b, options, message",
     [
