@@ -275,9 +275,7 @@ def _image(name, alt):
 
 def _data_section(results):
     lines = [
-        f"<li>{_text(summary.span_label(spans))}: "
-        + ", ".join(f"{_text(split)} {count:,}" for split, count in counts.items())
-        + " examples</li>"
+        f"<li>{_text(summary.span_label(spans))}: {_text(summary.example_counts(counts))}</li>"
         for spans, counts in results.spans
     ]
     body = f"<ul>{''.join(lines)}</ul>" if lines else _note("no ingested data recorded")

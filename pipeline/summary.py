@@ -232,6 +232,13 @@ def span_label(spans):
     return f"span {spans[0]}" if len(spans) == 1 else "spans " + ", ".join(map(str, spans))
 
 
+def example_counts(counts):
+    """`train 4,500, eval 500 examples`, or why there are no counts."""
+    if not counts:
+        return "no example counts: StatisticsGen did not finish"
+    return ", ".join(f"{split} {count:,}" for split, count in counts.items()) + " examples"
+
+
 def _anomalies(nodes, num_classes):
     """The gate's problems: ExampleValidator's anomalies and what the statistics show."""
     from tfx.types import standard_artifacts
@@ -363,8 +370,7 @@ def format_report(report):
     """The end-of-run summary as text."""
     lines = ["", "== Summary"]
     for spans, counts in report.spans:
-        sizes = ", ".join(f"{split} {count:,}" for split, count in counts.items())
-        lines.append(f"data: {span_label(spans)} ({sizes} examples)")
+        lines.append(f"data: {span_label(spans)} ({example_counts(counts)})")
     if report.skipped:
         from components.image_example_gen import listed
 

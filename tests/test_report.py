@@ -407,3 +407,12 @@ def test_the_summary_names_the_first_skipped_inputs_and_counts_the_rest():
     listed = [line for line in text.splitlines() if line.startswith("  - /data/")]
     assert listed == [f"  - {line}" for line in skipped[:20]]
     assert "  - ... and 5 more" in text
+
+
+def test_a_run_without_statistics_says_so_instead_of_an_empty_count(tmp_path):
+    results = dataclasses.replace(hand_built_facts().results, spans=[((1,), {})])
+    words = "no example counts: StatisticsGen did not finish"
+    assert f"data: span 1 ({words})" in summary.format_report(results)
+    facts = dataclasses.replace(hand_built_facts(), results=results, samples=[])
+    with open(report.write_report(facts, tmp_path), encoding="utf-8") as page:
+        assert f"<li>span 1: {words}</li>" in page.read()
