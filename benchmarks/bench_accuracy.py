@@ -557,10 +557,11 @@ def goal_lines(results, args):
             paper_cut = 1 - paper_st / PAPER_ERROR["cnn"][variant]
             cut = 1 - st["error_pct"] / cnn["error_pct"] if cnn["error_pct"] else 0.0
             verdict = "met" if cut >= paper_cut else "NOT met"
+            fewer = "fewer" if cut >= 0 else "more"
             lines.append(
                 f"- {variant.upper()}: {model} {st['error_pct']:.2f}% vs cnn "
-                f"{cnn['error_pct']:.2f}%: {100 * cut:.0f}% fewer errors (paper's ST-CNN cut "
-                f"{100 * paper_cut:.0f}%): {verdict}"
+                f"{cnn['error_pct']:.2f}%: {100 * abs(cut):.0f}% {fewer} errors "
+                f"(paper's ST-CNN cut {100 * paper_cut:.0f}%): {verdict}"
             )
             if variant == "rts":
                 verdict = "met" if st["error_pct"] <= 2.0 else "NOT met"
