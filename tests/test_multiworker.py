@@ -914,6 +914,13 @@ def _api_client(server):
     return kubernetes.client.ApiClient(configuration)
 
 
+def group_failure(server, config=K8S_CONFIG):
+    """What the WorkerGroupError of a run against the fake API `server` says."""
+    with pytest.raises(WorkerGroupError) as failure:
+        run_on_kubernetes("stn-trainer-1", SPEC, config, _api_client(server))
+    return str(failure.value)
+
+
 @pytest.mark.parametrize("fake_apiserver", ["Complete"], indirect=True)
 def test_kubernetes_backend_creates_watches_streams_and_deletes(fake_apiserver, caplog):
     caplog.set_level(logging.INFO, logger="components.k8s_backend")
@@ -948,9 +955,7 @@ def test_kubernetes_backend_creates_watches_streams_and_deletes(fake_apiserver, 
 
 @pytest.mark.parametrize("fake_apiserver", ["Failed"], indirect=True)
 def test_kubernetes_backend_reports_why_the_job_failed_and_still_cleans_up(fake_apiserver):
-    with pytest.raises(WorkerGroupError) as failure:
-        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
-    text = str(failure.value)
+    text = group_failure(fake_apiserver)
     assert "BackoffLimitExceeded" in text
     assert "stn-trainer-1-1-x7k1: exit code 1 (Error): ValueError: no files match" in text
     deletes = [p for m, p, _, _ in fake_apiserver.requests if m == "DELETE"]
@@ -979,9 +984,7 @@ BAD_IMAGE = (
 )
 @pytest.mark.timeout(60)  # without the check, the trainer would wait for poll_timeout_s
 def test_a_worker_that_cannot_start_fails_the_group_at_once(fake_apiserver):
-    with pytest.raises(WorkerGroupError) as failure:
-        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
-    assert str(failure.value) == (
+    assert group_failure(fake_apiserver) == (
         "worker pod default/stn-trainer-1-0-x7k0 cannot start: InvalidImageName: "
         f"{BAD_IMAGE} (image {K8S.image})"
     )
@@ -1042,9 +1045,7 @@ def test_worker_pods_the_api_server_refuses_fail_the_group_with_the_jobs_event(
     fake_apiserver, caplog
 ):
     caplog.set_level(logging.INFO, logger="components.k8s_backend")
-    with pytest.raises(WorkerGroupError) as failure:
-        run_on_kubernetes("stn-trainer-1", SPEC, GIVES_UP_AT_ONCE, _api_client(fake_apiserver))
-    assert str(failure.value) == (
+    assert group_failure(fake_apiserver, GIVES_UP_AT_ONCE) == (
         "the workers' job in default has 0 of 2 pods after 1 s: " + ": ".join(FAILED_CREATE)
     )
     logged = "the workers' job cannot create a pod: " + ": ".join(FAILED_CREATE)
@@ -1184,9 +1185,7 @@ DISK_FULL = "OSError: [Errno 28] No space left on device"
 )
 @pytest.mark.timeout(60)  # without the check, the trainer would wait for poll_timeout_s
 def test_a_worker_that_fails_after_a_peer_finished_fails_the_group(fake_apiserver):
-    with pytest.raises(WorkerGroupError) as failure:
-        run_on_kubernetes("stn-trainer-1", SPEC, K8S_CONFIG, _api_client(fake_apiserver))
-    assert str(failure.value) == (
+    assert group_failure(fake_apiserver) == (
         "worker pod stn-trainer-1-0-x7k0 failed (exit code 1, Error) after a peer had finished, "
         f"so it cannot resume: {DISK_FULL}"
     )
