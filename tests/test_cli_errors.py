@@ -75,7 +75,11 @@ def test_an_os_error_no_check_foresaw_is_one_line_not_a_traceback(tmp_path, caps
 
 
 def test_ctrl_c_stops_a_command_with_a_line_not_a_traceback(tmp_path):
-    command = [sys.executable, "-m", "pipeline.cli", "data", "--out", str(tmp_path / "d")]
+    # Python's own SIGINT handler, which it does not install when its parent ignores SIGINT
+    # (a background job of a shell without job control).
+    main = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    main += "from pipeline import cli; sys.exit(cli.main())"
+    command = [sys.executable, "-c", main, "data", "--out", str(tmp_path / "d")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stderr.readline().startswith("writing 40000 rts images")
     process.send_signal(signal.SIGINT)

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from functools import cache
@@ -793,7 +794,8 @@ def test_every_installed_distribution_is_pinned():
     pins = constraint_pins()
     project = _normalized(pyproject()["project"]["name"])
     loose = set()
-    for dist in importlib.metadata.distributions():
+    # The environment's own site-packages: setuptools' vendored copies are not installed.
+    for dist in importlib.metadata.distributions(path=[sysconfig.get_paths()["purelib"]]):
         name = _normalized(dist.metadata["Name"])
         if name != project and pins.get(name) != dist.version.split("+")[0]:
             loose.add(f"{name}=={dist.version}")
