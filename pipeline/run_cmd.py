@@ -163,15 +163,33 @@ def _run_pipeline(config, report):
         failed = (progress.current or "the pipeline", error)
     finally:
         logging.getLogger("absl").removeHandler(progress)
+    result = None
     try:
-        report(summary.format_report(summary.run_report(config)))
+        result = summary.run_report(config)
+        report(summary.format_report(result))
     except Exception as error:  # the summary must not hide the run's own outcome
         print(f"stn-pipeline run: could not read the run's results: {error}", file=sys.stderr)
     if failed:
         where, error = failed
         print(f"\nFAILED: {where}: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    if result is not None and result.spans:
+        _record_for_watch(config, result)
     return 0
+
+
+def _record_for_watch(config, result):
+    """Record the finished run's spans in the home's watch state, as a watcher's run is, so
+    that `watch` does not train on them again."""
+    from pipeline import watcher
+
+    outcome = watcher.RunOutcome(
+        spans=result.spans[0][0], blessed=result.blessed, pushed_to=result.pushed_to
+    )
+    try:
+        watcher.WatchState(os.path.join(config.home_dir, watcher.STATE_FILE)).record(outcome)
+    except watcher.WatchStateError as error:
+        print(f"stn-pipeline run: not recorded for `watch`: {error}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ Polls DIR every --interval seconds for complete span-N folders; when one newer t
 trained on appears, runs the pipeline on it (or on the last --window consecutive spans, ingested
 and validated together), warm-started from the model being served, and the Pusher serves the
 new model only if the Evaluator blesses it.
-No new data, no run. One run or watcher per home (a lock file); the spans trained on are kept in
-<home>/watch_state.json, so a restarted watcher carries on where it stopped.
+No new data, no run. One run or watcher per home (a lock file); the spans trained on (by `run`
+too) are kept in <home>/watch_state.json, so a restarted watcher carries on where it stopped.
 """
 
 import argparse

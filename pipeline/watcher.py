@@ -11,8 +11,8 @@ and the newest served model (the last one the Evaluator blessed and the Pusher p
 warm-start from. No new span: no run. The pipeline ingests the window's spans together, and
 the spans recorded as trained on are those its ImageExampleGen ingested.
 
-Restart-safe: the spans trained on are recorded in ``<home>/watch_state.json``, written
-atomically (temp file + rename) only after a run finished, so a crash mid-run retrains that
+Restart-safe: the spans trained on are recorded in ``<home>/watch_state.json`` (by `run` too),
+written atomically (temp file + rename) only after a run finished, so a crash mid-run retrains that
 span on the next poll and never twice after success; serving changes only through the
 pipeline's Pusher, which pushes blessed models only. One run or watcher per home: an exclusive
 ``fcntl.flock`` on ``<home>/watch.lock``, held while the watcher lives (`run` takes it too).

@@ -225,6 +225,33 @@ def test_run_command_exits_3_while_a_watcher_holds_the_home(setup, capsys):
     assert not (home / "metadata.sqlite").exists() and not (home / "data").exists()
 
 
+def test_a_span_the_run_command_trained_on_is_not_new_to_the_watcher(setup, monkeypatch):
+    from pipeline import local_runner, summary
+
+    home, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+    result = summary.RunReport(
+        spans=[((1,), {"train": 10, "eval": 10})],
+        anomalies=[],
+        metrics={},
+        blessed=True,
+        why=[],
+        pushed_to=str(serving / "1"),
+        push_note="pushed",
+        timings={},
+    )
+    monkeypatch.setattr(local_runner, "local_pipeline", lambda config: None)
+    monkeypatch.setattr(local_runner, "component_ids", lambda pipeline: [])
+    monkeypatch.setattr(local_runner, "run_local", lambda pipeline: None)
+    monkeypatch.setattr(summary, "run_report", lambda config: result)
+    assert cli.main(["run", "--home", str(home), "--data-root", str(data)]) == 0
+    assert make_watcher().watch(once=True) == []  # span 1 is trained on: no run
+    assert stand_in.requests == []
+    _span(data, 2)
+    make_watcher().watch(once=True)
+    assert stand_in.requests == [RunRequest(spans=(2,), warm_start=None)]
+
+
 @pytest.mark.parametrize(
     ("interval", "words"),
     [
