@@ -368,6 +368,8 @@ def _blessing_section(results):
             f"<p>overall accuracy {_number(overall.get('candidate'))} against the baseline's "
             f"{_number(overall['baseline'])}</p>"
         )
+    elif results.blessed is None:  # not evaluated: whether a baseline exists is not known
+        baseline = ""
     else:
         baseline = _note("no baseline: no model approved (blessed and checked) before this one")
     return f"<h2>Blessing</h2><p class='{style}'>{verdict}</p><ul>{reasons}</ul>{baseline}"

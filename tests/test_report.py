@@ -155,6 +155,7 @@ def test_page_of_a_run_without_results_says_so(tmp_path):
     for words in ("no ingested data", "Anomalies</h2><p class='ok'>none", "not evaluated"):
         assert words in page
     assert "the Evaluator did not run: no metrics" in page
+    assert "no baseline" not in page  # the run never compared with one
     assert "stopped before the Pusher" in page
     assert os.listdir(tmp_path / "r") == ["index.html"]
 
