@@ -349,6 +349,8 @@ def _number(value):
 
 
 def _anomalies_section(results):
+    if results.anomalies is None:
+        return f"<h2>Anomalies</h2>{_note(summary.NOT_VALIDATED)}"
     if not results.anomalies:
         return "<h2>Anomalies</h2><p class='ok'>none</p>"
     items = "".join(f"<li>{_text(sentence)}</li>" for sentence in results.anomalies)

@@ -15,6 +15,7 @@ import time
 _RUNNING = "Component %s is running."
 _FINISHED = "Component %s is finished."
 _CACHED = "A cached execution %d is used."
+NOT_VALIDATED = "not checked (the data was not validated)"
 
 
 class Progress(logging.Handler):
@@ -162,7 +163,7 @@ def _prop(artifact, name, default=None):
 @dataclasses.dataclass
 class RunReport:
     spans: list  # (spans ingested together, {split: example count})
-    anomalies: list  # sentences; empty when the data passed
+    anomalies: list | None  # sentences; empty when the data passed, None if not validated
     metrics: dict  # slice name -> {"candidate": acc, "baseline": acc, "examples": n}
     blessed: bool | None  # None: the Evaluator did not run
     why: list  # sentences explaining the blessing
@@ -240,7 +241,8 @@ def example_counts(counts):
 
 
 def _anomalies(nodes, num_classes):
-    """The gate's problems: ExampleValidator's anomalies and what the statistics show."""
+    """The gate's problems: ExampleValidator's anomalies and what the statistics show; None
+    when the data was not validated."""
     from tfx.types import standard_artifacts
 
     from components.gate import gate_problems
@@ -248,7 +250,7 @@ def _anomalies(nodes, num_classes):
     anomalies = _artifact(nodes.get("ExampleValidator"), "anomalies")
     statistics = _artifact(nodes.get("StatisticsGen"), "statistics")
     if anomalies is None or statistics is None:
-        return []
+        return None
     artifacts = standard_artifacts.ExampleAnomalies(), standard_artifacts.ExampleStatistics()
     for artifact, mlmd_artifact in zip(artifacts, (anomalies, statistics), strict=True):
         artifact.set_mlmd_artifact(mlmd_artifact)
@@ -376,7 +378,9 @@ def format_report(report):
 
         lines.append(f"skipped: {len(report.skipped)} bad input(s) (max_bad_files allows it)")
         lines.extend(f"  - {line}" for line in listed(report.skipped))
-    if report.anomalies:
+    if report.anomalies is None:
+        lines.append(f"anomalies: {NOT_VALIDATED}")
+    elif report.anomalies:
         lines.append(f"anomalies: {len(report.anomalies)}")
         lines.extend(f"  - {sentence}" for sentence in report.anomalies)
     else:

@@ -140,7 +140,7 @@ def test_page_of_a_run_without_results_says_so(tmp_path):
     facts = hand_built_facts()
     facts.results = summary.RunReport(
         spans=[],
-        anomalies=[],
+        anomalies=None,
         metrics={},
         blessed=None,
         why=["the Evaluator did not run"],
@@ -152,7 +152,7 @@ def test_page_of_a_run_without_results_says_so(tmp_path):
     index = report.write_report(facts, str(tmp_path / "r"))
     assert check_self_contained(index) == []
     page = Path(index).read_text(encoding="utf-8")
-    for words in ("no ingested data", "Anomalies</h2><p class='ok'>none", "not evaluated"):
+    for words in ("no ingested data", "not checked (the data was not validated)", "not evaluated"):
         assert words in page
     assert "the Evaluator did not run: no metrics" in page
     assert "no baseline" not in page  # the run never compared with one
@@ -417,3 +417,11 @@ def test_a_run_without_statistics_says_so_instead_of_an_empty_count(tmp_path):
     facts = dataclasses.replace(hand_built_facts(), results=results, samples=[])
     with open(report.write_report(facts, tmp_path), encoding="utf-8") as page:
         assert f"<li>span 1: {words}</li>" in page.read()
+
+
+def test_a_run_stopped_before_validation_says_its_data_was_not_checked():
+    nodes = {"ImageExampleGen": summary.NodeRun("ImageExampleGen", "FAILED", 1.0, {})}
+    assert summary._anomalies(nodes, num_classes=10) is None
+    results = dataclasses.replace(hand_built_facts().results, anomalies=None)
+    assert "anomalies: not checked (the data was not validated)" in summary.format_report(results)
+    assert "anomalies: none" not in summary.format_report(results)
