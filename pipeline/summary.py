@@ -344,7 +344,9 @@ def _push_note(nodes, config):
             else "the run was stopped (killed or interrupted) before the Pusher"
         )
     elif nodes.get("Pusher") is None:
-        why = "the pipeline stopped before the Pusher"
+        failed = [node.node_id for node in nodes.values() if node.state == "FAILED"]
+        at = f" ({', '.join(failed)} failed)" if failed else ""
+        why = f"the pipeline stopped before the Pusher{at}"
     else:
         why = "the Pusher did not push"
     versions = served_versions(config.serving_dir)

@@ -215,7 +215,12 @@ def test_input_pictures_are_decoded_as_the_model_decodes_them():
         (
             {"Trainer": "COMPLETE", "Evaluator": "FAILED"},
             False,
-            "the pipeline stopped before the Pusher",
+            "the pipeline stopped before the Pusher (Evaluator failed)",
+        ),
+        (
+            {"ImageExampleGen": "FAILED"},
+            False,
+            "the pipeline stopped before the Pusher (ImageExampleGen failed)",
         ),
     ],
 )
