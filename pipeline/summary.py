@@ -176,6 +176,7 @@ class RunReport:
 def run_report(config, run_id=None):
     """The `RunReport` of the latest run of `config`'s pipeline, or of run `run_id`."""
     nodes = latest_node_runs(config.metadata_path, config.pipeline_name, run_id)
+    latest = run_id is None or run_id == run_ids(config.metadata_path, config.pipeline_name)[-1]
     examples = _examples(nodes)
     return RunReport(
         spans=_spans(examples, nodes),
@@ -184,7 +185,7 @@ def run_report(config, run_id=None):
         blessed=_blessed(nodes),
         why=_why(nodes),
         pushed_to=_pushed_to(nodes),
-        push_note=_push_note(nodes, config),
+        push_note=_push_note(nodes, config, latest),
         timings={node.node_id: (node.seconds, node.state) for node in nodes.values()},
         skipped=_skipped(examples),
     )
@@ -329,7 +330,9 @@ def _pushed_to(nodes):
     return _prop(pushed, "pushed_destination")
 
 
-def _push_note(nodes, config):
+def _push_note(nodes, config, latest=True):
+    """Why the run pushed nothing, and what is served; `latest` False: an earlier run, which
+    ended before the next one began and may predate what is served now."""
     if _pushed_to(nodes):
         return "pushed"
     check = _artifact(nodes.get("ModelCheck"), "infra_blessing")
@@ -340,7 +343,7 @@ def _push_note(nodes, config):
     elif any(node.state in ("NEW", "RUNNING") for node in nodes.values()):
         why = (
             "the run is still going (report it again when it ends)"
-            if _run_going(config)
+            if latest and _run_going(config)
             else "the run was stopped (killed or interrupted) before the Pusher"
         )
     elif nodes.get("Pusher") is None:
@@ -350,7 +353,10 @@ def _push_note(nodes, config):
     else:
         why = "the Pusher did not push"
     versions = served_versions(config.serving_dir)
-    serving = f"serving keeps version {versions[-1]}" if versions else "nothing is served yet"
+    if not latest:
+        serving = f"version {versions[-1]} is served now" if versions else "nothing is served now"
+    else:
+        serving = f"serving keeps version {versions[-1]}" if versions else "nothing is served yet"
     return f"not pushed: {why}; {serving}"
 
 

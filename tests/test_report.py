@@ -307,6 +307,26 @@ def test_run_ids_and_reading_an_earlier_run(tmp_path):
         summary.latest_node_runs(path, "p", run_id="nope")
 
 
+def test_an_earlier_run_is_not_told_by_what_is_served_or_locked_now(tmp_path):
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    from pipeline import watcher
+
+    config = load_config(None, {}, home=str(tmp_path))
+    runs = {
+        "killed": ("stn-pipeline", pb.Execution.RUNNING),
+        "later": ("stn-pipeline", pb.Execution.COMPLETE),
+    }
+    _metadata_with_runs(config.metadata_path, runs)
+    os.makedirs(os.path.join(config.serving_dir, "1795962442"))  # pushed after "killed"
+    with watcher.exclusive_lock(os.path.join(tmp_path, watcher.LOCK_FILE)):  # a later run
+        note = summary.run_report(config, "killed").push_note
+    assert note == (
+        "not pushed: the run was stopped (killed or interrupted) before the Pusher; "
+        "version 1795962442 is served now"
+    )
+
+
 # --- a tiny real run -----------------------------------------------------------------------
 
 RUN_CONFIG = """
