@@ -382,7 +382,8 @@ def _pod_failures(pods) -> list[str]:
 
 
 def _failed_after_a_peer_finished(pods) -> str | None:
-    """Why a worker failed after another one had finished, or None."""
+    """Why a worker failed after another one had finished, or None. The API's times are whole
+    seconds, so a failure in the second a peer finished counts (no recovery follows a finish)."""
     finished = [
         status.state.terminated.finished_at
         for pod in pods
@@ -396,7 +397,7 @@ def _failed_after_a_peer_finished(pods) -> str | None:
         for status in pod.status.container_statuses or []:
             for state in (status.state, status.last_state):
                 ended = state and state.terminated
-                if ended and ended.exit_code and ended.finished_at and ended.finished_at > first:
+                if ended and ended.exit_code and ended.finished_at and ended.finished_at >= first:
                     message = f": {ended.message.strip()}" if ended.message else ""
                     return (
                         f"worker pod {pod.metadata.name} failed (exit code {ended.exit_code}, "

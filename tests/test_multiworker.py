@@ -823,7 +823,8 @@ def _pod(job_name, index, result):
         # the end of its log, as the kubelet sets it under FallbackToLogsOnError
         "message": "ValueError: no files match the patterns" if failed else None,
         "startedAt": "2026-11-25T14:01:00Z",
-        "finishedAt": "2026-11-25T14:04:00Z",
+        # before its peer finished: a worker failing after that is another error
+        "finishedAt": f"2026-11-25T14:0{3 if failed else 4}:00Z",
     }
     return worker_pod(
         index, "Failed" if failed else "Succeeded", {"terminated": terminated}, 6 if failed else 0
@@ -1200,5 +1201,17 @@ def test_workers_that_failed_before_any_peer_finished_are_not_stranded():
     assert _failed_after_a_peer_finished([as_model(pod) for pod in pods]) is None
     pods[1] = worker_pod(1, "Running", RUNNING, 2, last_state=ended(1, "06"))
     assert "stn-trainer-1-1-x7k1 failed" in _failed_after_a_peer_finished(
+        [as_model(pod) for pod in pods]
+    )
+
+
+def test_a_worker_that_fails_in_the_second_a_peer_finished_is_stranded():
+    # The API's timestamps are whole seconds: the chief failing its export a moment after
+    # worker 1 finished carries the same time.
+    pods = [
+        worker_pod(0, "Running", RUNNING, 1, last_state=ended(1, "04", DISK_FULL)),
+        worker_pod(1, "Succeeded", ended(0, "04")),
+    ]
+    assert "stn-trainer-1-0-x7k0 failed" in _failed_after_a_peer_finished(
         [as_model(pod) for pod in pods]
     )
