@@ -381,9 +381,11 @@ def _pod_failures(pods) -> list[str]:
     return failures
 
 
-def _failed_after_a_peer_finished(pods) -> str | None:
-    """Why a worker failed after another one had finished, or None. The API's times are whole
-    seconds, so a failure in the second a peer finished counts (no recovery follows a finish)."""
+def _stranded_worker(pods) -> str | None:
+    """Why a worker cannot finish because a peer already has, or None: it failed, or started
+    (again, or in a pod made anew), after the first peer finished, and would wait for that
+    peer's collectives until the Job's deadline. The API's times are whole seconds, so the
+    second a peer finished counts (no recovery follows a finish)."""
     finished = [
         status.state.terminated.finished_at
         for pod in pods
@@ -403,6 +405,12 @@ def _failed_after_a_peer_finished(pods) -> str | None:
                         f"worker pod {pod.metadata.name} failed (exit code {ended.exit_code}, "
                         f"{ended.reason}) after a peer had finished, so it cannot resume{message}"
                     )
+            running = status.state and status.state.running
+            if running and running.started_at and running.started_at >= first:
+                return (
+                    f"worker pod {pod.metadata.name} started after a peer had finished, so it "
+                    "cannot resume"
+                )
     return None
 
 
@@ -488,7 +496,7 @@ def run_on_kubernetes(
             pods = logs.pods()
             logs.follow_started(pods)
             startup.check(pods, time.monotonic())
-            if stranded := _failed_after_a_peer_finished(pods):
+            if stranded := _stranded_worker(pods):
                 raise WorkerGroupError(stranded)
 
         outcome, detail = _wait_for_job(batch, namespace, name, check_pods, k8s.poll_timeout_s)

@@ -29,7 +29,7 @@ from tfx.utils import json_utils, proto_utils
 
 from components import k8s_backend, worker_launcher
 from components.k8s_backend import (
-    _failed_after_a_peer_finished,
+    _stranded_worker,
     build_job,
     build_service,
     run_on_kubernetes,
@@ -1198,11 +1198,9 @@ def test_workers_that_failed_before_any_peer_finished_are_not_stranded():
         worker_pod(i, "Succeeded", ended(0, f"0{4 + i}"), 1, last_state=ended(1, "03"))
         for i in range(2)
     ]
-    assert _failed_after_a_peer_finished([as_model(pod) for pod in pods]) is None
+    assert _stranded_worker([as_model(pod) for pod in pods]) is None
     pods[1] = worker_pod(1, "Running", RUNNING, 2, last_state=ended(1, "06"))
-    assert "stn-trainer-1-1-x7k1 failed" in _failed_after_a_peer_finished(
-        [as_model(pod) for pod in pods]
-    )
+    assert "stn-trainer-1-1-x7k1 failed" in _stranded_worker([as_model(pod) for pod in pods])
 
 
 def test_a_worker_that_fails_in_the_second_a_peer_finished_is_stranded():
@@ -1212,6 +1210,13 @@ def test_a_worker_that_fails_in_the_second_a_peer_finished_is_stranded():
         worker_pod(0, "Running", RUNNING, 1, last_state=ended(1, "04", DISK_FULL)),
         worker_pod(1, "Succeeded", ended(0, "04")),
     ]
-    assert "stn-trainer-1-0-x7k0 failed" in _failed_after_a_peer_finished(
-        [as_model(pod) for pod in pods]
+    assert "stn-trainer-1-0-x7k0 failed" in _stranded_worker([as_model(pod) for pod in pods])
+
+
+def test_a_worker_pod_made_anew_after_a_peer_finished_is_stranded():
+    # The chief's node went away after worker 1 finished; the Job made a new chief pod.
+    started = {"running": {"startedAt": "2026-11-25T14:05:00Z"}}
+    pods = [worker_pod(0, "Running", started), worker_pod(1, "Succeeded", ended(0, "04"))]
+    assert _stranded_worker([as_model(pod) for pod in pods]) == (
+        "worker pod stn-trainer-1-0-x7k0 started after a peer had finished, so it cannot resume"
     )
