@@ -46,7 +46,6 @@ def add_compile_arguments(parser):
     parser.add_argument(
         "--target",
         choices=TARGETS,
-        default="kubeflow",
         help="kubeflow: open-source Kubeflow Pipelines, one step running `watch --once` "
         "(default); vertex: Vertex AI Pipelines, one step per TFX component",
     )
@@ -57,11 +56,18 @@ def add_compile_arguments(parser):
     )
 
 
+def target_of(args):
+    """The --target asked for, else kubeflow (no argparse default: `schedule --package` must
+    see whether one was given)."""
+    return args.target or TARGETS[0]
+
+
 def compile_from_args(args, output_path):
     """Compile the pipeline that `args` describe to `output_path`; return the config used."""
     from pipeline import kubeflow_runner, kubeflow_watch
 
-    if args.pipeline_root and args.target != "vertex":
+    target = target_of(args)
+    if args.pipeline_root and target != "vertex":
         raise ValueError(
             "--pipeline-root is for --target vertex: the kubeflow target keeps its artifacts "
             "under the home's pipeline_root"
@@ -75,7 +81,7 @@ def compile_from_args(args, output_path):
         kubeflow_pipeline_root=args.pipeline_root,
     )
     check_directory(os.path.dirname(os.path.abspath(output_path)), "the package's folder")
-    if args.target == "vertex":
+    if target == "vertex":
         kubeflow_runner.compile_for_kubeflow(
             config, output_path, config.container_image, config.kubeflow_pipeline_root
         )
@@ -91,7 +97,7 @@ def run(args):
         print(f"stn-pipeline compile: {error}", file=sys.stderr)
         return 2
     print(
-        f"wrote {args.kubeflow}: pipeline {config.pipeline_name} for {args.target}, "
+        f"wrote {args.kubeflow}: pipeline {config.pipeline_name} for {target_of(args)}, "
         f"image {config.container_image}"
     )
     return 0

@@ -13,7 +13,7 @@ from pipeline import compile_cmd
 
 # What `add_compile_arguments` options change in a compiled package (not --config: it names
 # the pipeline); with --package they would do nothing.
-_COMPILE_ONLY = ("home", "data_root", "image", "pipeline_root")
+_COMPILE_ONLY = ("home", "data_root", "image", "target", "pipeline_root")
 
 
 def register(subparsers):

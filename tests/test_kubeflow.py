@@ -707,6 +707,8 @@ def test_schedule_rejects_a_package_it_cannot_upload_before_calling_kubeflow(
 def test_schedule_refuses_compile_options_a_package_would_ignore(kfp_server, package, capsys):
     assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--image", "stn:new") == 2
     assert "--image shape(s) a package as it is compiled" in capsys.readouterr().err
+    assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--target", "kubeflow") == 2
+    assert "--target shape(s) a package as it is compiled" in capsys.readouterr().err
     assert kfp_server.calls == []
 
 
