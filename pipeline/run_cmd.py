@@ -188,7 +188,7 @@ def _record_for_watch(config, result):
     )
     try:
         watcher.WatchState(os.path.join(config.home_dir, watcher.STATE_FILE)).record(outcome)
-    except watcher.WatchStateError as error:
+    except (watcher.WatchStateError, OSError) as error:  # the run itself succeeded
         print(f"stn-pipeline run: not recorded for `watch`: {error}", file=sys.stderr)
 
 

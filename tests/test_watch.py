@@ -5,6 +5,7 @@ the disk (it pushes a new version folder to serving when the run is blessed) and
 request; the slow test runs the real TFX pipeline through the watcher on tiny spans.
 """
 
+import errno
 import json
 import os
 import re
@@ -225,11 +226,10 @@ def test_run_command_exits_3_while_a_watcher_holds_the_home(setup, capsys):
     assert not (home / "metadata.sqlite").exists() and not (home / "data").exists()
 
 
-def test_a_span_the_run_command_trained_on_is_not_new_to_the_watcher(setup, monkeypatch):
+def _stub_pipeline_run(monkeypatch, serving):
+    """`run` runs nothing and reads a blessed, pushed run on span 1."""
     from pipeline import local_runner, summary
 
-    home, data, serving, stand_in, make_watcher = setup
-    _span(data, 1)
     result = summary.RunReport(
         spans=[((1,), {"train": 10, "eval": 10})],
         anomalies=[],
@@ -244,12 +244,33 @@ def test_a_span_the_run_command_trained_on_is_not_new_to_the_watcher(setup, monk
     monkeypatch.setattr(local_runner, "component_ids", lambda pipeline: [])
     monkeypatch.setattr(local_runner, "run_local", lambda pipeline: None)
     monkeypatch.setattr(summary, "run_report", lambda config: result)
+
+
+def test_a_span_the_run_command_trained_on_is_not_new_to_the_watcher(setup, monkeypatch):
+    home, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+    _stub_pipeline_run(monkeypatch, serving)
     assert cli.main(["run", "--home", str(home), "--data-root", str(data)]) == 0
     assert make_watcher().watch(once=True) == []  # span 1 is trained on: no run
     assert stand_in.requests == []
     _span(data, 2)
     make_watcher().watch(once=True)
     assert stand_in.requests == [RunRequest(spans=(2,), warm_start=None)]
+
+
+def test_a_watch_state_that_cannot_be_written_does_not_fail_a_finished_run(
+    setup, monkeypatch, capsys
+):
+    home, data, serving, _, _ = setup
+    _span(data, 1)
+    _stub_pipeline_run(monkeypatch, serving)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(watcher.tempfile, "NamedTemporaryFile", disk_full)
+    assert cli.main(["run", "--home", str(home), "--data-root", str(data)]) == 0
+    assert "not recorded for `watch`: [Errno 28] No space left" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
