@@ -43,6 +43,12 @@ _TRANSFORMER_OPTIONS = {
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
+def is_version_name(name):
+    """Whether a folder under serving/<model>/ is a version: ASCII digits, as TF Serving reads
+    version names ('²' passes str.isdigit but not int)."""
+    return name.isascii() and name.isdigit()
+
+
 def check_model_name(name, field="model_name"):
     """Raise a ValueError naming `field` unless `name` can be both that directory and segment."""
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):

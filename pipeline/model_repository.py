@@ -13,12 +13,11 @@ itself is missing (a remount, a swap by rename), nothing changes, as in TF Servi
 import dataclasses
 import logging
 import os
-import re
 import threading
 
 import tensorflow as tf
 
-from pipeline.configs import check_model_name
+from pipeline.configs import check_model_name, is_version_name
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ SAVED_MODEL_FILE = "saved_model.pb"
 SERVING_SIGNATURE = "serving_default"
 IMAGES_INPUT = "images"
 REQUIRED_OUTPUTS = ("probabilities", "classes")
-_VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits only, as TF Serving reads version names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +65,7 @@ def list_versions(model_dir):
     return {
         int(name): os.path.join(model_dir, name)
         for name in names
-        if _VERSION_NAME.fullmatch(name)
-        and os.path.isfile(os.path.join(model_dir, name, SAVED_MODEL_FILE))
+        if is_version_name(name) and os.path.isfile(os.path.join(model_dir, name, SAVED_MODEL_FILE))
     }
 
 

@@ -183,11 +183,9 @@ def _record_for_watch(config, result):
     that `watch` does not train on them again."""
     from pipeline import watcher
 
-    outcome = watcher.RunOutcome(
-        spans=result.spans[0][0], blessed=result.blessed, pushed_to=result.pushed_to
-    )
+    state = watcher.WatchState(os.path.join(config.home_dir, watcher.STATE_FILE))
     try:
-        watcher.WatchState(os.path.join(config.home_dir, watcher.STATE_FILE)).record(outcome)
+        state.record(watcher.RunOutcome.of(result))
     except (watcher.WatchStateError, OSError) as error:  # the run itself succeeded
         print(f"stn-pipeline run: not recorded for `watch`: {error}", file=sys.stderr)
 

@@ -372,8 +372,9 @@ def served_versions(serving_dir):
     """The version folders under `serving_dir`, oldest first."""
     if not os.path.isdir(serving_dir):
         return []
-    names = (name for name in os.listdir(serving_dir) if name.isascii() and name.isdigit())
-    return sorted(names, key=int)  # ASCII digits only, as TF Serving (and `serve`) read them
+    from pipeline.configs import is_version_name
+
+    return sorted(filter(is_version_name, os.listdir(serving_dir)), key=int)
 
 
 def format_report(report):

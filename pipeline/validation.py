@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import types
 from tfx.components import ExampleValidator, SchemaGen, StatisticsGen
+from tfx.components.schema_gen import executor as schema_gen_executor
 from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.base import base_component, base_executor, executor_spec
 from tfx.dsl.io import fileio
@@ -45,7 +46,8 @@ class CuratedSchemaExecutor(base_executor.BaseExecutor):
         text_format.Parse(text, schema_pb2.Schema())
         folder = artifact_utils.get_single_uri(output_dict["schema"])
         fileio.makedirs(folder)
-        with fileio.open(os.path.join(folder, "schema.pbtxt"), "w") as handle:
+        path = os.path.join(folder, schema_gen_executor.DEFAULT_FILE_NAME)  # what readers expect
+        with fileio.open(path, "w") as handle:
             handle.write(text)
 
 

@@ -59,6 +59,13 @@ class RunOutcome:
     blessed: bool | None
     pushed_to: str | None
 
+    @classmethod
+    def of(cls, result, spans=()):
+        """The outcome of a run whose `summary.RunReport` is `result`: the spans its
+        ImageExampleGen ingested, as ML Metadata records them (else `spans`)."""
+        ingested = result.spans[0][0] if result.spans else spans
+        return cls(spans=ingested, blessed=result.blessed, pushed_to=result.pushed_to)
+
 
 def complete_spans(data_root):
     """The span numbers of the complete ``span-N`` folders under `data_root`, ascending."""
@@ -277,8 +284,6 @@ def pipeline_run_fn(config, report=logger.info):
         local_runner.run_local(local_runner.local_pipeline(this_run))
         result = summary.run_report(this_run)
         report(summary.format_report(result))
-        # The spans ingested (and so trained on), as ML Metadata records them.
-        spans = result.spans[0][0] if result.spans else request.spans
-        return RunOutcome(spans=spans, blessed=result.blessed, pushed_to=result.pushed_to)
+        return RunOutcome.of(result, request.spans)
 
     return run
