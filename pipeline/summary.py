@@ -67,6 +67,7 @@ class NodeRun:
     state: str
     seconds: float
     outputs: dict  # output key -> [metadata_store_pb2.Artifact]
+    properties: dict = dataclasses.field(default_factory=dict)  # the execution's, e.g. num_classes
 
 
 def metadata_store(metadata_path):
@@ -128,6 +129,7 @@ def latest_node_runs(metadata_path, pipeline_name, run_id=None):
             seconds=(execution.last_update_time_since_epoch - execution.create_time_since_epoch)
             / 1000.0,
             outputs=outputs[execution.id],
+            properties={name: _value(value) for name, value in execution.custom_properties.items()},
         )
     return result
 
@@ -149,11 +151,15 @@ def _artifact(node, key):
     return artifacts[0] if artifacts else None
 
 
+def _value(value):
+    """The Python value of an MLMD property Value."""
+    return getattr(value, value.WhichOneof("value"))
+
+
 def _prop(artifact, name, default=None):
     for properties in (artifact.custom_properties, artifact.properties):
         if name in properties:
-            value = properties[name]
-            return getattr(value, value.WhichOneof("value"))
+            return _value(properties[name])
     return default
 
 
@@ -180,7 +186,7 @@ def run_report(config, run_id=None):
     examples = _examples(nodes)
     return RunReport(
         spans=_spans(examples, nodes),
-        anomalies=_anomalies(nodes, config.num_classes),
+        anomalies=_anomalies(nodes, _num_classes(nodes, config)),
         metrics=_metrics(nodes),
         blessed=_blessed(nodes),
         why=_why(nodes),
@@ -239,6 +245,13 @@ def example_counts(counts):
     if not counts:
         return "no example counts: StatisticsGen did not finish"
     return ", ".join(f"{split} {count:,}" for split, count in counts.items()) + " examples"
+
+
+def _num_classes(nodes, config):
+    """The num_classes the run's AnomalyGate checked labels against (the config's when the
+    gate did not run), so an older run is judged by its own setting."""
+    gate = nodes.get("AnomalyGate")
+    return gate.properties.get("num_classes", config.num_classes) if gate else config.num_classes
 
 
 def _anomalies(nodes, num_classes):

@@ -251,9 +251,10 @@ def test_home_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert "has no pipeline run yet" in error and "stn-pipeline run --home" in error
 
 
-def _metadata_with_runs(path, runs):
+def _metadata_with_runs(path, runs, properties=None):
     """An ML Metadata store at `path` with `runs` ({run id: (pipeline name, state)}, in
-    creation order), laid out as TFX does; each run holds one ``Trainer`` execution."""
+    creation order), laid out as TFX does; each run holds one ``Trainer`` execution, with
+    integer custom `properties` ({run id: {name: value}}) where given."""
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2 as pb
 
@@ -280,9 +281,10 @@ def _metadata_with_runs(path, runs):
         store.put_parent_contexts(
             [pb.ParentContext(child_id=run, parent_id=context("pipeline", pipeline_name))]
         )
-        [execution] = store.put_executions(
-            [pb.Execution(type_id=execution_type, last_known_state=state)]
-        )
+        execution = pb.Execution(type_id=execution_type, last_known_state=state)
+        for name, value in (properties or {}).get(run_id, {}).items():
+            execution.custom_properties[name].int_value = value
+        [execution] = store.put_executions([execution])
         node = context("node", f"{pipeline_name}.Trainer")
         store.put_attributions_and_associations(
             [], [pb.Association(context_id=c, execution_id=execution) for c in (run, node)]
@@ -305,6 +307,20 @@ def test_run_ids_and_reading_an_earlier_run(tmp_path):
     assert summary.latest_node_runs(path, "p", run_id="run-1")["Trainer"].state == "COMPLETE"
     with pytest.raises(ValueError, match="run 'nope': no such run of p; runs: run-1, run-2"):
         summary.latest_node_runs(path, "p", run_id="nope")
+
+
+def test_a_run_is_judged_by_the_num_classes_its_gate_ran_with(tmp_path):
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    path = str(tmp_path / "metadata.sqlite")
+    runs = {"three": ("p", pb.Execution.COMPLETE), "plain": ("p", pb.Execution.COMPLETE)}
+    _metadata_with_runs(path, runs, properties={"three": {"num_classes": 3}})
+    assert summary.latest_node_runs(path, "p", "three")["Trainer"].properties == {"num_classes": 3}
+    assert summary.latest_node_runs(path, "p", "plain")["Trainer"].properties == {}
+    config = load_config(None, {}, home=str(tmp_path))  # num_classes 10
+    gate = summary.NodeRun("AnomalyGate", "COMPLETE", 1.0, {}, {"num_classes": 3})
+    assert summary._num_classes({"AnomalyGate": gate}, config) == 3
+    assert summary._num_classes({}, config) == 10
 
 
 def test_an_earlier_run_is_not_told_by_what_is_served_or_locked_now(tmp_path):
