@@ -572,8 +572,18 @@ class KFPServer:
 
 
 @pytest.fixture
-def kfp_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the user's
+def kfp_context(tmp_path, monkeypatch):
+    """kfp's context file, in an empty home: not the user's ~/.config/kfp/context.json."""
+    import kfp
+
+    path = tmp_path / ".config" / "kfp" / "context.json"
+    # kfp expanded ~ when it was imported, so setting HOME now would not reach it.
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(path))
+    return path
+
+
+@pytest.fixture
+def kfp_server(kfp_context):
     with KFPServer() as server:
         yield server
 
@@ -634,6 +644,14 @@ def test_second_schedule_adds_a_version_and_replaces_the_recurring_run(kfp_serve
     )
     assert "recurring-run-other" in kfp_server.recurring_runs
     assert len(kfp_server.experiments) == 1
+
+
+def test_schedule_takes_the_namespace_of_kfps_context_file(kfp_server, kfp_context, package):
+    kfp_context.parent.mkdir(parents=True)
+    kfp_context.write_text(json.dumps({"namespace": "team-b"}))
+    assert _schedule(kfp_server, package, "--cron", "0 3 * * *") == 0
+    (experiment,) = kfp_server.experiments.values()
+    assert experiment["namespace"] == "team-b"
 
 
 def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, watch_package):
@@ -712,8 +730,7 @@ def test_schedule_refuses_compile_options_a_package_would_ignore(kfp_server, pac
     assert kfp_server.calls == []
 
 
-def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))
+def test_schedule_says_when_the_host_cannot_be_reached(package, kfp_context, capsys):
     with socket.socket() as probe:  # a loopback port that nothing listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -724,7 +741,7 @@ def test_schedule_says_when_the_host_cannot_be_reached(package, tmp_path, monkey
     assert f"port={port}" in error and "Connection refused" in error
 
 
-def test_schedule_says_when_the_host_is_not_the_kfp_api(package, tmp_path, monkeypatch, capsys):
+def test_schedule_says_when_the_host_is_not_the_kfp_api(package, kfp_context, capsys):
     class Page(http.server.BaseHTTPRequestHandler):
         """Answers every request with an HTML page, as a dashboard's login page does."""
 
@@ -742,7 +759,6 @@ def test_schedule_says_when_the_host_is_not_the_kfp_api(package, tmp_path, monke
 
         do_POST = do_GET
 
-    monkeypatch.setenv("HOME", str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
