@@ -5,7 +5,9 @@
 With the kfp 2.x `Client` (KFP API v2beta1): the package becomes a new pipeline, or a new
 version of the pipeline of that name; the recurring run named after the pipeline (in the
 experiment, created if missing) is created on that version, and any older recurring run of the
-same name is deleted afterwards, so exactly one remains and there is never none.
+same name is deleted afterwards, so exactly one remains and there is never none. A `namespace`
+(a profile's, on multi-user KFP) holds the pipeline and the experiment, and so the recurring
+run; without one the pipeline is shared and the experiment is in the client's namespace.
 """
 
 import dataclasses
@@ -109,12 +111,22 @@ def check_package(package_path):
         raise ValueError(f"pipeline package {package_path} is not a file")
 
 
-def upload(client, package_path, pipeline_name):
+def find_pipeline(client, name, namespace=None):
+    """The id of the pipeline called `name` (in `namespace`, else the shared ones), or None."""
+    found = client.list_pipelines(filter=_name_filter(name), namespace=namespace).pipelines or []
+    if len(found) > 1:
+        raise ValueError(f"Kubeflow holds {len(found)} pipelines named {name}: rename or delete")
+    return found[0].pipeline_id if found else None
+
+
+def upload(client, package_path, pipeline_name, namespace=None):
     """(pipeline id, version id, new?): the package as a new pipeline or a new version."""
     check_package(package_path)
-    pipeline_id = client.get_pipeline_id(pipeline_name)
+    pipeline_id = find_pipeline(client, pipeline_name, namespace)
     if pipeline_id is None:
-        pipeline = client.upload_pipeline(package_path, pipeline_name=pipeline_name)
+        pipeline = client.upload_pipeline(
+            package_path, pipeline_name=pipeline_name, namespace=namespace
+        )
         if not pipeline.pipeline_id:  # an answer that is not KFP's JSON, e.g. a login page
             raise RuntimeError(
                 f"the host answered the upload of {pipeline_name} without a pipeline id: --host "
@@ -146,12 +158,13 @@ def recurring_runs_named(client, experiment_id, name):
             return ids
 
 
-def schedule(client, package_path, pipeline_name, cron, experiment, job_name=None):
+def schedule(client, package_path, pipeline_name, cron, experiment, job_name=None, namespace=None):
     """Upload `package_path` and make it the one recurring run `job_name` (default: the name)."""
     cron = kfp_cron(cron)
     job_name = job_name or pipeline_name
-    pipeline_id, version_id, new = upload(client, package_path, pipeline_name)
-    experiment_id = client.create_experiment(experiment).experiment_id  # gets it if it exists
+    pipeline_id, version_id, new = upload(client, package_path, pipeline_name, namespace)
+    # Gets it if it exists; the recurring run is in the experiment's namespace.
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
     older = recurring_runs_named(client, experiment_id, job_name)
     created = client.create_recurring_run(
         experiment_id=experiment_id,

@@ -2,7 +2,8 @@
 
 Compiles the pipeline (as `compile` does, or takes `--package FILE.yaml`), uploads it as a new
 pipeline or a new version of the pipeline of that name, and creates the recurring run of that
-name in the experiment, replacing an older one, so exactly one schedule exists there.
+name in the experiment, replacing an older one, so exactly one schedule exists there. On
+multi-user Kubeflow, `--namespace` (a profile's) holds the pipeline, experiment and run.
 """
 
 import os
@@ -31,10 +32,20 @@ def register(subparsers):
         help="when to run: Unix cron (5 fields) or KFP cron (6, seconds first)",
     )
     parser.add_argument("--experiment", default="stn", help="KFP experiment (default stn)")
+    parser.add_argument(
+        "--namespace",
+        help="multi-user KFP: the profile namespace of the pipeline, experiment and recurring "
+        "run (default: kfp's, from ~/.config/kfp/context.json or the pod's own)",
+    )
     parser.add_argument("--pipeline-name", help="KFP pipeline name (default: the config's)")
     parser.add_argument("--package", metavar="FILE.yaml", help="upload this compiled package")
     compile_cmd.add_compile_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _namespace(args):
+    """kfp.Client's `namespace` argument: given only if --namespace was (its default differs)."""
+    return {"namespace": args.namespace} if args.namespace else {}
 
 
 def run(args):
@@ -68,8 +79,15 @@ def run(args):
             name = args.pipeline_name or config.pipeline_name
             with warnings.catch_warnings():  # kfp warns that it needs KFP >= 2.0.0-beta.2
                 warnings.simplefilter("ignore", FutureWarning)
-                client = kfp.Client(host=args.host)
-            done = kfp_schedule.schedule(client, package, name, args.cron, args.experiment)
+                client = kfp.Client(host=args.host, **_namespace(args))
+            if not client.get_user_namespace() and client.get_kfp_healthz().multi_user:
+                raise ValueError(
+                    "this Kubeflow Pipelines is multi-user: --namespace must name the "
+                    "namespace of your profile"
+                )
+            done = kfp_schedule.schedule(
+                client, package, name, args.cron, args.experiment, namespace=args.namespace
+            )
     except ValueError as error:  # the command's own inputs: cron, config, package
         print(f"stn-pipeline schedule: {error}", file=sys.stderr)
         return 2
@@ -84,7 +102,9 @@ def run(args):
     what = "new pipeline" if done.new_pipeline else "new version"
     print(f"uploaded {name}: {what} {done.version_id} (pipeline {done.pipeline_id})")
     print(
-        f"recurring run {done.recurring_run_id} in experiment {args.experiment}: cron {done.cron!r}"
+        f"recurring run {done.recurring_run_id} in experiment {args.experiment}"
+        + (f" (namespace {args.namespace})" if args.namespace else "")
+        + f": cron {done.cron!r}"
         + (f"; replaced {', '.join(done.replaced)}" if done.replaced else "")
     )
     return 0

@@ -403,9 +403,10 @@ def test_compile_refuses_a_package_name_kfp_cannot_upload(tmp_path, capsys):
 class KFPServer:
     """The KFP v2beta1 REST API's pipeline, experiment and recurring-run calls, in memory."""
 
-    def __init__(self):
+    def __init__(self, multi_user=False):
+        self.multi_user = multi_user  # profiles: experiments need a namespace, as KFP's do
         self.calls = []  # (method, path, query {name: value}, body bytes)
-        self.pipelines = {}  # id -> {"display_name", "versions": [version dicts]}
+        self.pipelines = {}  # id -> {"display_name", "namespace", "versions": [version dicts]}
         self.experiments = {}  # id -> experiment dict
         self.recurring_runs = {}  # id -> recurring run dict (as created)
         self.uploads = {}  # version id -> uploaded package bytes
@@ -465,10 +466,13 @@ class KFPServer:
             return 404, {"error": f"no such path {path}", "code": 5}
         route = path[len(prefix) :]
         if (method, route) == ("GET", "healthz"):
-            return 200, {"multi_user": False}
+            return 200, {"multi_user": self.multi_user}
         if (method, route) == ("GET", "pipelines"):
             found = [
-                self._pipeline(i) for i in self.pipelines if self._matches(query, self.pipelines[i])
+                self._pipeline(i)
+                for i, pipeline in self.pipelines.items()
+                if self._matches(query, pipeline)
+                and pipeline["namespace"] == self._namespace(query.get("namespace"))
             ]
             return 200, {"pipelines": found, "total_size": len(found)} if found else {}
         if (method, route) == ("POST", "pipelines/upload"):
@@ -482,10 +486,16 @@ class KFPServer:
             versions = versions[: int(query.get("page_size", 10))]
             return 200, {"pipeline_versions": versions, "total_size": len(versions)}
         if (method, route) == ("GET", "experiments"):
-            found = [e for e in self.experiments.values() if self._matches(query, e)]
+            namespace = self._experiment_namespace(query.get("namespace"))
+            found = [
+                e
+                for e in self.experiments.values()
+                if self._matches(query, e) and e["namespace"] == namespace
+            ]
             return 200, {"experiments": found, "total_size": len(found)} if found else {}
         if (method, route) == ("POST", "experiments"):
             experiment = json.loads(body)
+            experiment["namespace"] = self._experiment_namespace(experiment.get("namespace"))
             experiment["experiment_id"] = self._new_id("experiment")
             self.experiments[experiment["experiment_id"]] = experiment
             return 200, experiment
@@ -509,6 +519,15 @@ class KFPServer:
             return 200, {}
         return 404, {"error": f"{method} {path} is not served here", "code": 12}
 
+    def _namespace(self, namespace):
+        """The namespace that KFP stores: as given with profiles, none in single-user mode."""
+        return (namespace or "") if self.multi_user else ""
+
+    def _experiment_namespace(self, namespace):
+        if self.multi_user and not namespace:
+            raise ValueError("An experiment cannot have an empty namespace in multi-user mode")
+        return self._namespace(namespace)
+
     @staticmethod
     def _matches(query, item):
         predicates = json.loads(query["filter"])["predicates"] if "filter" in query else []
@@ -521,9 +540,11 @@ class KFPServer:
         return True
 
     def _pipeline(self, pipeline_id):
+        pipeline = self.pipelines[pipeline_id]
         return {
             "pipeline_id": pipeline_id,
-            "display_name": self.pipelines[pipeline_id]["display_name"],
+            "display_name": pipeline["display_name"],
+            "namespace": pipeline["namespace"],
         }
 
     @staticmethod
@@ -553,10 +574,14 @@ class KFPServer:
 
     def _upload(self, query, body, headers):
         name = query["name"]
-        if any(p["display_name"] == name for p in self.pipelines.values()):
+        namespace = self._namespace(query.get("namespace"))
+        if any(
+            (p["display_name"], p["namespace"]) == (name, namespace)
+            for p in self.pipelines.values()
+        ):
             return 409, {"error": f"pipeline {name} already exists", "code": 6}
         pipeline_id = self._new_id("pipeline")
-        self.pipelines[pipeline_id] = {"display_name": name, "versions": []}
+        self.pipelines[pipeline_id] = {"display_name": name, "namespace": namespace, "versions": []}
         self._add_version(pipeline_id, name, self._uploaded_file(body, headers))
         return 200, self._pipeline(pipeline_id)
 
@@ -646,12 +671,40 @@ def test_second_schedule_adds_a_version_and_replaces_the_recurring_run(kfp_serve
     assert len(kfp_server.experiments) == 1
 
 
-def test_schedule_takes_the_namespace_of_kfps_context_file(kfp_server, kfp_context, package):
+def test_schedule_takes_the_namespace_of_kfps_context_file(kfp_context, package):
     kfp_context.parent.mkdir(parents=True)
     kfp_context.write_text(json.dumps({"namespace": "team-b"}))
-    assert _schedule(kfp_server, package, "--cron", "0 3 * * *") == 0
-    (experiment,) = kfp_server.experiments.values()
+    with KFPServer(multi_user=True) as server:
+        assert _schedule(server, package, "--cron", "0 3 * * *") == 0
+    (experiment,) = server.experiments.values()
     assert experiment["namespace"] == "team-b"
+    (pipeline,) = server.pipelines.values()
+    assert pipeline["namespace"] == ""  # kfp's default: a shared pipeline
+
+
+def test_schedule_keeps_pipeline_experiment_and_run_in_the_namespace(kfp_context, package, capsys):
+    with KFPServer(multi_user=True) as server:
+        for cron in ("0 3 * * *", "0 4 * * *"):
+            argv = ["--cron", cron, "--namespace", "team-a"]
+            assert _schedule(server, package, *argv) == 0
+    (pipeline,) = server.pipelines.values()
+    assert pipeline["namespace"] == "team-a"
+    assert len(pipeline["versions"]) == 2  # the second run found the namespace's pipeline
+    (experiment,) = server.experiments.values()
+    assert experiment["namespace"] == "team-a"
+    (run,) = server.recurring_runs.values()
+    assert run["experiment_id"] == experiment["experiment_id"]
+    assert run["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * *"
+    uploads = [query for _, path, query, _ in server.calls if path.endswith("/pipelines/upload")]
+    assert [query["namespace"] for query in uploads] == ["team-a"]
+    assert "in experiment stn (namespace team-a): cron" in capsys.readouterr().out
+
+
+def test_schedule_without_a_namespace_on_multi_user_kfp_says_so(kfp_context, package, capsys):
+    with KFPServer(multi_user=True) as server:
+        assert _schedule(server, package, "--cron", "0 3 * * *") == 2
+    assert "multi-user: --namespace must name the namespace" in capsys.readouterr().err
+    assert server.pipelines == server.experiments == {}
 
 
 def test_schedule_compiles_the_pipeline_when_no_package_is_given(kfp_server, watch_package):
