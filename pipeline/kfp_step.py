@@ -3,7 +3,8 @@
     python -m pipeline.kfp_step CONFIG_YAML
 
 CONFIG_YAML is the text of a config file (the package's `config_yaml` parameter, which the
-Kubeflow UI lets a run change; its home defaults to /stn/home, as `compile`'s does). The step
+Kubeflow UI lets a run change, all but the home, where the package mounts the claims; the home
+defaults to /stn/home, as `compile`'s does). The step
 polls the config's data root once: a new span is trained on, evaluated and pushed if blessed;
 no new span, no run. The exit status is `watch`'s (0 done or nothing to do, 1 the run failed,
 2 a bad config or state file, 3 another run or watcher holds the home).
@@ -16,7 +17,7 @@ import tempfile
 from pipeline import cli
 from pipeline.configs import load_config
 from pipeline.kubeflow_runner import DEFAULT_KUBEFLOW_HOME
-from pipeline.kubeflow_watch import check_step_config, config_text
+from pipeline.kubeflow_watch import HOME_ENV, check_step_config, config_text
 
 
 def main(argv=None):
@@ -30,7 +31,7 @@ def main(argv=None):
             handle.write(argv[0])
         try:
             config = load_config(path, defaults={"home": DEFAULT_KUBEFLOW_HOME})
-            check_step_config(config)
+            check_step_config(config, os.environ.get(HOME_ENV))
         except ValueError as error:
             message = str(error).replace(f"config file {path}", "config_yaml")
             print(f"stn-pipeline kfp step: {message}", file=sys.stderr)

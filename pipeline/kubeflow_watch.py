@@ -15,7 +15,9 @@ compiled by the kfp SDK, with kfp-kubernetes for the volumes:
   and the models' at <home>/serving, so the claims must exist in the namespace the runs use;
 - the CronJob's CPU and memory requests and limits and its 6-hour deadline, and the pod's
   namespace, name and uid as STN_NAMESPACE, STN_POD_NAME and STN_POD_UID for the trainer's
-  Kubernetes backend.
+  Kubernetes backend;
+- the home the claims are mounted at as STN_KFP_HOME: the step refuses a `config_yaml` (which
+  a run may change) whose home is elsewhere, where its models would not reach the served claim.
 
 The config's home and data root must be absolute paths, its pipeline name one that KFP keeps
 as it is, and Kubernetes workers (`backend: kubernetes`) must mount the home's claim at the home.
@@ -34,6 +36,7 @@ HOME_CLAIM = "stn-pipeline-root"
 MODELS_CLAIM = "stn-models"
 STEP_COMMAND = ("python", "-m", "pipeline.kfp_step")
 DEADLINE_S = 6 * 3600  # k8s/base/retrain-cronjob.yaml's activeDeadlineSeconds
+HOME_ENV = "STN_KFP_HOME"  # where the package mounts the home's claim
 POD_FIELDS = {
     "STN_NAMESPACE": "metadata.namespace",
     "STN_POD_NAME": "metadata.name",
@@ -42,10 +45,11 @@ POD_FIELDS = {
 _KFP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")  # what the kfp compiler keeps unchanged
 
 
-def check_step_config(config):
+def check_step_config(config, mounted_home=None):
     """Raise ValueError unless the step's pod can run `config`: a pipeline name KFP keeps as
-    it is, a home and data root that are absolute paths (where the volumes are mounted), and
-    Kubernetes workers that see the home's claim where the step does."""
+    it is, a home and data root that are absolute paths (where the volumes are mounted), the
+    home `mounted_home` if given, and Kubernetes workers that see the home's claim where the
+    step does."""
     if not _KFP_NAME.fullmatch(config.pipeline_name):
         raise ValueError(
             "config field 'pipeline_name' must be 1 to 128 lowercase letters, digits and '-', "
@@ -58,6 +62,12 @@ def check_step_config(config):
                 f"config field {name!r} must be an absolute path in the step's pod, where the "
                 f"volumes are mounted; got {path!r}"
             )
+    if mounted_home and os.path.normpath(config.home_dir) != os.path.normpath(mounted_home):
+        raise ValueError(
+            f"config field 'home' must be {mounted_home}, where the package mounts the claims "
+            f"{HOME_CLAIM!r} and {MODELS_CLAIM!r}; got {config.home!r} (compile a package for "
+            "another home)"
+        )
     workers = config.multiworker_config()
     if workers.backend == "kubernetes":
         mounted = (workers.kubernetes.pvc, os.path.normpath(workers.kubernetes.mount_path))
@@ -104,6 +114,7 @@ def compile_watch_package(config, output_path, image=None):
     def watch_once(config_yaml: str = config_text(config)):
         task = retrain(config_yaml=config_yaml)
         task.set_caching_options(False)
+        task.set_env_variable(HOME_ENV, config.home_dir)
         # k8s/base/retrain-cronjob.yaml's requests and limits
         task.set_cpu_request("2").set_cpu_limit("4")
         task.set_memory_request("6Gi").set_memory_limit("12Gi")

@@ -168,8 +168,28 @@ def test_the_kubeflow_steps_config_is_the_compiled_one_and_mounts_follow_the_hom
     assert load_config(str(carried)) == load_config(
         str(config_file), defaults={"home": "/stn/home"}
     )
-    _, kubernetes = _watch_documents(path)
+    spec, kubernetes = _watch_documents(path)
     assert sorted(m.mount_path for m in kubernetes.pvc_mount) == ["/mnt/stn", "/mnt/stn/serving"]
+    container = spec.deployment_spec["executors"]["exec-retrain"]["container"]
+    assert [dict(env) for env in container["env"]] == [
+        {"name": kfp_step.HOME_ENV, "value": "/mnt/stn"}
+    ]
+
+
+def test_the_kubeflow_step_refuses_a_home_its_package_does_not_mount(
+    watch_package, tmp_path, monkeypatch, capsys
+):
+    spec, _ = _watch_documents(watch_package)
+    (env,) = spec.deployment_spec["executors"]["exec-retrain"]["container"]["env"]
+    monkeypatch.setenv(env["name"], env["value"])
+    values = yaml.safe_load(_default_config_yaml(watch_package))
+    (tmp_path / "data").mkdir()
+    values.update(home="/stn/home/other", data_root=str(tmp_path / "data"))  # changed in the UI
+    assert kfp_step.main([yaml.safe_dump(values)]) == 2
+    assert (
+        "config field 'home' must be /stn/home, where the package mounts the claims "
+        "'stn-pipeline-root' and 'stn-models'; got '/stn/home/other'" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
