@@ -5,7 +5,9 @@ last. A push that fails on the way (a full disk, a killed run) leaves a newer ve
 that does not load, sometimes with a truncated saved_model.pb: model servers try it, and
 whatever takes the newest folder for the served model is wrong. This executor lets TFX's copy
 go to ``<base>/.incoming/`` (a name no model server reads as a version) and renames the
-finished folder into place, so serving sees the new version whole or not at all. (On an
+finished folder into place, so serving sees the new version whole or not at all. The version
+is TFX's (the wall clock's seconds) raised above every version already there, so a clock that
+went back cannot push a model below the one served. (On an
 object store such as gs://, TensorFlow renames a folder object by object: there the window is
 narrowed, not closed.)
 """
@@ -17,6 +19,8 @@ from tfx.dsl.io import fileio
 from tfx.proto import pusher_pb2
 from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
+
+from pipeline.configs import is_version_name
 
 STAGING_FOLDER = ".incoming"
 
@@ -39,13 +43,21 @@ class Executor(pusher_executor.Executor):
             )
             (pushed,) = output_dict[standard_component_specs.PUSHED_MODEL_KEY]
             if pushed.get_int_custom_property("pushed") == 1:
-                version = pushed.get_string_custom_property("pushed_version")
+                staged = pushed.get_string_custom_property("pushed_version")
+                version = _next_version(base, int(staged))
                 serving_path = os.path.join(base, version)
-                if not fileio.exists(serving_path):  # as TFX: an existing version is kept
-                    fileio.rename(os.path.join(staging, version), serving_path)
+                fileio.rename(os.path.join(staging, staged), serving_path)  # never overwrites
+                pushed.set_string_custom_property("pushed_version", version)
                 pushed.set_string_custom_property("pushed_destination", serving_path)
         finally:
             _remove(staging)
+
+
+def _next_version(base, stamp):
+    """`stamp` (TFX's: the wall clock's seconds), raised above every version folder under
+    `base`: model servers serve the highest version, and a clock can go back."""
+    versions = [int(name) for name in fileio.listdir(base) if is_version_name(name)]
+    return str(max([stamp, *(version + 1 for version in versions)]))
 
 
 def _remove(path):

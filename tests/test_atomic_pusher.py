@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from tfx.components.pusher import executor as pusher_executor
 from tfx.proto import pusher_pb2
 from tfx.types import standard_artifacts, standard_component_specs
 from tfx.utils import io_utils, path_utils, proto_utils
@@ -60,3 +61,18 @@ def test_a_push_that_fails_midway_leaves_no_version_folder(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         _push(tmp_path, serving)
     assert os.listdir(serving) == ["7"]
+
+
+@pytest.mark.parametrize("served", ["1600000000", "1700000000"])
+def test_a_push_gets_a_version_above_every_served_one(tmp_path, monkeypatch, served):
+    """A clock that went back (NTP, a skewed node), or a push in the same second, must not
+    push at or below the version served: servers serve the highest."""
+    serving = tmp_path / "serving" / "stn"
+    os.makedirs(serving / served)
+    monkeypatch.setattr(pusher_executor.time, "time", lambda: 1600000000.5)
+    pushed = _push(tmp_path, serving)
+    version = str(int(served) + 1)
+    assert sorted(os.listdir(serving), key=int) == [served, version]
+    assert pushed.get_string_custom_property("pushed_version") == version
+    assert pushed.get_string_custom_property("pushed_destination") == str(serving / version)
+    assert (serving / version / "saved_model.pb").read_text() == "saved_model.pb"
