@@ -144,13 +144,18 @@ class WatchState:
         }
         runs = [*self.runs(), run]
         folder = os.path.dirname(self.path)
-        with tempfile.NamedTemporaryFile(
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed before the rename)
             "w", dir=folder, prefix=".watch_state.", suffix=".tmp", delete=False
-        ) as handle:
-            json.dump({"runs": runs}, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, self.path)
+        )
+        try:
+            with handle:
+                json.dump({"runs": runs}, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, self.path)
+        except BaseException:  # a full disk: leave no partial temp file behind
+            os.remove(handle.name)
+            raise
 
 
 @contextlib.contextmanager

@@ -443,3 +443,17 @@ def test_watch_with_a_window_trains_on_the_spans_it_ingested(tmp_path):
     assert "data: spans 2, 3 (" in summary.format_report(summary.run_report(config))
     for split in ("train", "eval"):
         assert counts[split] == sum(row["split"] == split for rows in manifests for row in rows)
+
+
+def test_a_state_write_that_fails_leaves_no_temp_file_and_the_old_state(tmp_path, monkeypatch):
+    state = watcher.WatchState(str(tmp_path / watcher.STATE_FILE))
+    state.record(RunOutcome(spans=(1,), blessed=True, pushed_to=None))
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(watcher.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        state.record(RunOutcome(spans=(2,), blessed=True, pushed_to=None))
+    assert os.listdir(tmp_path) == [watcher.STATE_FILE]
+    assert state.last_trained_span() == 1
