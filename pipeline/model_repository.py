@@ -7,7 +7,8 @@ same signal. A version that fails to load (a graph file still being written, a b
 is logged, shown in the status, and retried once its files change, while the version already
 loaded keeps serving. A served version whose directory is removed stops serving: the newest
 other version that loads takes over, or none does, as in TF Serving; while the model directory
-itself is missing (a remount, a swap by rename), nothing changes, as in TF Serving too.
+itself is missing (a remount, a swap by rename), or only the served version's saved_model.pb
+(being replaced), nothing changes, as in TF Serving too.
 """
 
 import dataclasses
@@ -126,12 +127,14 @@ class ModelRepository:
         """Scan the model directory once; load and serve a newer version if there is one."""
         with self._poll_lock:
             versions = list_versions(self.model_dir)
+            if self._served is not None and os.path.isdir(self._served.path):
+                versions.setdefault(self._served.version, self._served.path)  # graph replaced
             for version in sorted(versions, reverse=True):
                 if self._served is not None and version == self._served.version:
                     break
                 if self._try_load(version, versions[version]):
                     break
-            else:  # no newer version loaded, and the served one (if any) is not listed
+            else:  # no newer version loaded, and the served one (if any) was removed
                 self._unload_removed()
             kept = set(versions) | ({self._served.version} if self._served else set())
             self._statuses = {v: s for v, s in self._statuses.items() if v in kept}
@@ -146,10 +149,8 @@ class ModelRepository:
                 log.exception("model %s: cannot scan %s", self.model_name, self.model_dir)
 
     def _unload_removed(self):
-        """Stop serving the served version if its directory (not the model's) is gone."""
+        """Stop serving the removed served version, unless the model's directory is gone too."""
         if self._served is None or not os.path.isdir(self.model_dir):
-            return
-        if os.path.isdir(self._served.path):  # only its saved_model.pb is missing, for now
             return
         log.warning(
             "model %s: version %d was removed from %s and no other version loads; serving none",

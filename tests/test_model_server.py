@@ -654,15 +654,17 @@ def test_a_model_folder_missing_for_a_while_or_a_graph_being_replaced_keeps_serv
     model_dir = tmp_path / "stn"
     model_dir.mkdir()
     push(str(model_dir), 1, models["first"][0])
+    push(str(model_dir), 2, models["second"][0])
     repository = ModelRepository(str(tmp_path), "stn")
     repository.poll()
     os.rename(model_dir, tmp_path / "stn.swapping")  # a remount, a swap by rename
     repository.poll()
-    assert repository.served().version == 1
+    assert repository.served().version == 2
     os.rename(tmp_path / "stn.swapping", model_dir)
-    os.rename(model_dir / "1" / "saved_model.pb", tmp_path / "saved_model.pb")  # being replaced
-    repository.poll()
-    assert repository.served().version == 1
+    os.rename(model_dir / "2" / "saved_model.pb", tmp_path / "saved_model.pb")  # being replaced
+    repository.poll()  # not a fall back to version 1
+    assert repository.served().version == 2
+    assert [(s.version, s.state) for s in repository.statuses()] == [(2, "AVAILABLE")]
 
 
 def test_the_poller_survives_a_failing_scan(tmp_path, models, monkeypatch, caplog):
