@@ -56,7 +56,8 @@ class Executor(pusher_executor.Executor):
 def _next_version(base, stamp):
     """`stamp` (TFX's: the wall clock's seconds), raised above every version folder under
     `base`: model servers serve the highest version, and a clock can go back."""
-    versions = [int(name) for name in fileio.listdir(base) if is_version_name(name)]
+    names = [name.rstrip("/") for name in fileio.listdir(base)]  # gs:// lists folders as "7/"
+    versions = [int(name) for name in names if is_version_name(name)]
     return str(max([stamp, *(version + 1 for version in versions)]))
 
 

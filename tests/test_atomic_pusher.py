@@ -76,3 +76,9 @@ def test_a_push_gets_a_version_above_every_served_one(tmp_path, monkeypatch, ser
     assert pushed.get_string_custom_property("pushed_version") == version
     assert pushed.get_string_custom_property("pushed_destination") == str(serving / version)
     assert (serving / version / "saved_model.pb").read_text() == "saved_model.pb"
+
+
+def test_the_version_is_raised_above_folders_listed_as_an_object_store_lists_them(monkeypatch):
+    listing = ["1700000000/", "notes.txt", ".incoming/"]  # tf.io.gfile.listdir on gs://
+    monkeypatch.setattr(atomic_pusher.fileio, "listdir", lambda base: listing)
+    assert atomic_pusher._next_version("gs://bucket/serving/stn", 1600000000) == "1700000001"
