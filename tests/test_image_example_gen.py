@@ -199,6 +199,21 @@ def test_image_problem_names_what_is_wrong(data, words):
     assert words in image_problem(data, SHAPE)
 
 
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_image_problem_refuses_a_larger_image_by_its_header_without_decoding_it(
+    image_format, monkeypatch
+):
+    # A decompression bomb: a PNG of 16,000 x 16,000 zeros is 250 KB but decodes into 256 MB.
+    data = png_bytes(np.zeros((2000, 3000), np.uint8), image_format)
+
+    def decode_image(*args, **kwargs):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(tf.io, "decode_image", decode_image)
+    expected = "is 2000x3000 by its header, expected 42x42x1 (not decoded)"
+    assert image_problem(data, SHAPE) == expected
+
+
 def test_image_problem_rejects_a_png_whose_last_checksum_is_wrong():
     # Pillow decodes this file without complaint; TensorFlow (the trainer's decoder) does not.
     data = bytearray(png_bytes(digit_array(0)))
