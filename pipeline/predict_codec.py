@@ -12,6 +12,9 @@ import binascii
 import dataclasses
 import json
 
+# A tensor has at most 254 dimensions; TensorFlow aborts the process on a deeper nested list.
+MAX_RANK = 254
+
 
 class RequestError(ValueError):
     """A request the server refuses; `status` is the HTTP status to answer with, plus `headers`."""
@@ -108,10 +111,15 @@ def _columns_to_inputs(columns, input_names):
     return columns
 
 
-def _decode_b64(value, where):
-    """`value` with every `{"b64": "..."}` replaced by the bytes it encodes."""
+def _decode_b64(value, where, rank=1):
+    """`value` with every `{"b64": "..."}` replaced by the bytes it encodes; `rank`: the
+    tensor rank `value`'s lists reach, here counted from 1, the list of examples."""
     if isinstance(value, list):
-        return [_decode_b64(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        if rank > MAX_RANK:
+            raise RequestError(f"{where.split('[')[0]}: values nested deeper than {MAX_RANK} lists")
+        return [
+            _decode_b64(item, f"{where}[{index}]", rank + 1) for index, item in enumerate(value)
+        ]
     if isinstance(value, dict):
         if not _is_b64(value) or not isinstance(value["b64"], str):
             raise RequestError(f'{where}: objects in values must be {{"b64": "<base64>"}}')

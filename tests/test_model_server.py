@@ -716,6 +716,18 @@ def test_codec_rows_and_columns_for_several_inputs():
     assert format_predict_response({"c": np.array([3, 4])}, row_format=False) == {"outputs": [3, 4]}
 
 
+def test_codec_refuses_values_nested_deeper_than_a_tensor_can_be():
+    # TensorFlow aborts the whole process (not an exception) on a list of more than 254 dims.
+    def nested(rank):
+        return "[" * rank + '{"b64": "aGk="}' + "]" * rank
+
+    for body in (f'{{"inputs": {nested(255)}}}', f'{{"instances": {nested(255)}}}'):
+        with pytest.raises(RequestError, match="images: values nested deeper than 254 lists"):
+            parse_predict_request(body.encode(), lambda signature: ["images"])
+    deepest = parse_predict_request(f'{{"inputs": {nested(254)}}}'.encode(), lambda s: ["images"])
+    assert tf.constant(deepest.inputs["images"]).shape.rank == 254
+
+
 # --- the command line -----------------------------------------------------------------------
 
 
