@@ -13,13 +13,17 @@ Endpoints: `GET /v1/models/<name>[/versions/<N>]` (version status) and
 `POST /v1/models/<name>[/versions/<N>]:predict`; a query string is ignored. HEAD, PUT, DELETE,
 PATCH and OPTIONS are answered 405 with an `Allow` header; every error body is
 `{"error": "..."}`, Python's own refusals (a malformed request, an unknown method) included.
+A request must arrive whole within `request_timeout_seconds` (60) of its first byte, and a
+kept-alive connection is closed after as long without one: a slow client cannot hold a thread.
 """
 
 import contextlib
+import io
 import json
 import logging
 import re
 import threading
+import time
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,14 +125,58 @@ class ModelEndpoints:
         return tensor
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading end whose reads all end at `deadline` (time.monotonic()), if set."""
+
+    def __init__(self, connection):
+        self._connection = connection
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request's time is up")
+            self._connection.settimeout(left)
+        return self._connection.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
     server_version = "stn-model-server"
     disable_nagle_algorithm = True  # headers and body are two writes: don't wait for an ACK
 
     @property
-    def timeout(self):  # seconds a client may stall before its connection is closed
+    def timeout(self):  # seconds a client may stall, or take to send a whole request
         return self.server.request_timeout_seconds
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket's own reader: replaced by one that keeps the deadline
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        """One request, whose line, headers and body must all arrive within `timeout` s of its
+        first byte: a timeout per read alone lets a client trickle a byte at a time forever."""
+        try:
+            self.rfile.peek(1)  # a kept-alive connection waits up to `timeout` s for a request
+        except TimeoutError:
+            self.close_connection = True
+            return
+        self._reader.deadline = time.monotonic() + self.timeout
+        try:
+            super().handle_one_request()
+        finally:
+            self._stop_deadline()
+
+    def _stop_deadline(self):
+        """The request is read (or refused): the socket's timeout is per operation again."""
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
@@ -157,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status, payload, headers):
         """Answer `payload` as JSON, with `headers`; to a HEAD request, the headers alone."""
+        self._stop_deadline()
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
