@@ -23,11 +23,12 @@ whole-second mtimes, so it runs ingest uncached.
 Every image is decoded and checked against the data set's shape. Bad inputs fail the run with
 one line each, unless `max_bad_files` allows skipping that many. Each of these counts once: an
 image file that cannot be read (a folder or a broken link named like one), is not decodable,
-has another shape or no label (or one above 2**63-1); a TFRecord file that does not read to
-its end (none of its records are used); one record of a readable TFRecord file that is not a
-valid example. A file name that is not UTF-8 fails the run naming it: TensorFlow cannot list
-its folder at all. Skipped inputs are logged and recorded on the output artifact
-(`skipped_file_count`, `skipped_files`: one entry per bad input).
+has another shape or no label (or one above 2**63-1); a FIFO, device or socket named like an
+image or TFRecord file (not read: a FIFO blocks a read, /dev/zero never ends); a TFRecord file
+that does not read to its end (none of its records are used); one record of a readable
+TFRecord file that is not a valid example. A file name that is not UTF-8 fails the run naming
+it: TensorFlow cannot list its folder at all. Skipped inputs are logged and recorded on the
+output artifact (`skipped_file_count`, `skipped_files`: one entry per bad input).
 """
 
 import copy
@@ -35,6 +36,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import zlib
 from typing import NamedTuple
 
@@ -244,8 +246,25 @@ class _ImageToExample(beam.DoFn):
             yield _example(data, source.label, source.variant, source.distortion)
 
 
+def _special_file_reason(path):
+    """Why local `path` is not read if it is a FIFO, a device or a socket (or links to one),
+    else None: reading one could block forever or never end."""
+    if "://" in path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a broken link: the read says what is wrong
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "not a regular file: a FIFO, a device or a socket"
+
+
 def _read_image(path, shape):
     """(the encoded image at `path`, None), or (None, what is wrong with it)."""
+    reason = _special_file_reason(path)
+    if reason is not None:
+        return None, f"cannot be read ({reason})"
     try:
         with fileio.open(path, "rb") as handle:
             data = handle.read()
@@ -312,6 +331,9 @@ def _read_tfrecord(path):
     bytes of length and CRCs). A `.gz` file's stream is its decompressed content, which
     Python's gzip reads to the end-of-stream marker, so a cut anywhere in it is found too.
     """
+    reason = _special_file_reason(path)
+    if reason is not None:
+        return None, reason
     compression = "GZIP" if path.lower().endswith(".gz") else ""
     dataset = tf.data.TFRecordDataset(path, compression_type=compression)
     try:

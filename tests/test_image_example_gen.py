@@ -8,8 +8,10 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import struct
+import threading
 from pathlib import Path
 
 import apache_beam as beam
@@ -220,6 +222,35 @@ def test_image_problem_rejects_a_png_whose_last_checksum_is_wrong():
     data[-2] ^= 0x55  # a byte of the IEND chunk's CRC
     Image.open(io.BytesIO(bytes(data))).load()
     assert "is not a decodable PNG image" in image_problem(bytes(data), SHAPE)
+
+
+@pytest.mark.parametrize(
+    "name, read, problem",
+    [
+        (
+            "a.png",
+            lambda path: image_example_gen._read_image(path, SHAPE),
+            "cannot be read (not a regular file: a FIFO, a device or a socket)",
+        ),
+        (
+            "a.tfrecord",
+            image_example_gen._read_tfrecord,
+            "not a regular file: a FIFO, a device or a socket",
+        ),
+    ],
+)
+def test_a_fifo_named_like_an_input_is_a_bad_input_not_read(tmp_path, name, read, problem):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    results = []
+    reader = threading.Thread(target=lambda: results.append(read(str(fifo))))
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked opening the FIFO, as ingest would be forever: release it
+        with open(fifo, "wb"):
+            pass
+        reader.join()
+    assert results == [(None, problem)]
 
 
 # ---- listing a split (no pipeline) ----
