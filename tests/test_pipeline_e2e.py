@@ -200,6 +200,11 @@ def test_failing_component_exits_non_zero_with_its_error(tmp_path):
     assert done.returncode == 1
     assert "FAILED: ImageExampleGen:" in done.stderr
     assert "found no input under" in done.stderr
+    # Its driver failed, which TFX leaves RUNNING: neither still going nor killed.
+    stopped = "not pushed: the pipeline stopped before the Pusher (ImageExampleGen failed)"
+    assert stopped in done.stdout
+    config = load_config(None, home=str(tmp_path / "home"))
+    assert summary.run_report(config).push_note.startswith(stopped)
 
 
 def test_config_file_and_overrides(tmp_path):
