@@ -94,9 +94,9 @@ def ensure_data(config, report, write=True):
     with `write` False, only check the paths and settings that needs (ValueError if one is bad)."""
     from pipeline import distorted_mnist, spans
 
-    check_directory(config.home_dir, "--home")
+    check_directory(config.home_dir, "the home")
     if config.data_root is not None:
-        check_directory(config.data_dir, "--data-root", must_exist=True)
+        check_directory(config.data_dir, "the data root", must_exist=True)
         return
     check_directory(config.data_dir, "the data folder")
     if any(name.startswith("span-") for name in _listdir(config.data_dir)):

@@ -60,8 +60,8 @@ def run(args):
 
     try:
         config = run_cmd.config_from_args(args)
-        check_directory(config.home_dir, "--home")
-        check_directory(config.data_dir, "--data-root", must_exist=True)
+        check_directory(config.home_dir, "the home")
+        check_directory(config.data_dir, "the data root", must_exist=True)
         watch = watcher.Watcher(
             config.home_dir,
             config.data_dir,

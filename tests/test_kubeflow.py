@@ -291,8 +291,8 @@ def test_the_kubeflow_step_run_as_its_pod_runs_it_trains_and_pushes_once(tmp_pat
     [
         ("epochs: 0\n", "config field 'epochs' must be >= 1, got 0"),
         ("[1, 2]\n", "must hold a mapping of field names to values"),
-        ("home: /nonexistent/stn\n", "--data-root /nonexistent/stn/data does not exist"),
-        ("{}", "--data-root /stn/home/data does not exist"),  # compile's default home
+        ("home: /nonexistent/stn\n", "the data root /nonexistent/stn/data does not exist"),
+        ("{}", "the data root /stn/home/data does not exist"),  # compile's default home
         ("home: stn\n", "config field 'home' must be an absolute path in the step's pod"),
         ("a: [\n", "kfp step: config_yaml is not valid YAML"),  # named as the user knows it
     ],
