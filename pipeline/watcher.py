@@ -286,7 +286,12 @@ def pipeline_run_fn(config, report=logger.info):
         from pipeline import local_runner, summary
 
         this_run = run_config(config, request)
-        local_runner.run_local(local_runner.local_pipeline(this_run))
+        try:
+            local_runner.run_local(local_runner.local_pipeline(this_run))
+        except Exception:  # the summary names the failed component; the error is re-raised
+            with contextlib.suppress(Exception):
+                report(summary.format_report(summary.run_report(this_run)))
+            raise
         result = summary.run_report(this_run)
         report(summary.format_report(result))
         return RunOutcome.of(result, request.spans)

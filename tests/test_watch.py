@@ -457,3 +457,13 @@ def test_a_state_write_that_fails_leaves_no_temp_file_and_the_old_state(tmp_path
         state.record(RunOutcome(spans=(2,), blessed=True, pushed_to=None))
     assert os.listdir(tmp_path) == [watcher.STATE_FILE]
     assert state.last_trained_span() == 1
+
+
+def test_a_failed_watch_run_prints_its_summary_naming_the_failed_component(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "span-1").mkdir(parents=True)  # a span with no images: ImageExampleGen fails
+    argv = ["watch", "--once", "--home", str(tmp_path / "home"), "--data-root", str(data)]
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "not pushed: the pipeline stopped before the Pusher (ImageExampleGen failed)" in out
+    assert "stn-pipeline watch: run failed: " in err and "found no input under" in err
