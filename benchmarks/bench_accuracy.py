@@ -50,7 +50,7 @@ How long it takes on 2 CPU cores. The full run with `--jobs 2` (two distortions 
 thread each) took 64 minutes on this project's 2-core machine: 5,100 CPU seconds of fitting with
 the pure-TF sampler (the native one makes the ST models' steps cheaper). Fit CPU seconds per
 distortion: CNN 350-410, each ST-CNN 230-350, FCN 11-13, ST-FCN 25-26. Peak RSS 3 GiB per
-process. `--small` takes 1 to 2 minutes. With `--redraw` (native sampler) the CNN's fit costs
+process. `--small` takes under a minute. With `--redraw` (native sampler) the CNN's fit costs
 22 to 29 CPU seconds per epoch with two processes on the 2 cores (15 epochs: 334-436, in
 benchmarks/results/three_options_r and equivariance_r), and 75 when five processes shared them
 (benchmarks/results/redraw: CNN 1,110-1,140, each one-pass ST-CNN 690-920); drawing an epoch's
