@@ -73,7 +73,7 @@ def write_span(
     seed = span if seed is None else seed
     distorted_mnist.check_split_args(variant, copies, canvas, seed, per_class)
     if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
+        raise _exists_error(target)
     splits = {
         split: distorted_mnist.make_split(variant, copies, canvas, seed, split, per_class)
         for split in distorted_mnist.SPLITS
@@ -85,9 +85,16 @@ def write_span(
     report(f"writing {total} {variant} images ({canvas}x{canvas}, seed {seed}) to {target}")
     _write_files(partial, splits, report, total)
     if target.exists():
+        if not force:  # it appeared while this span was being written: not ours to delete
+            shutil.rmtree(partial)
+            raise _exists_error(target)
         shutil.rmtree(target)
     partial.rename(target)
     return target
+
+
+def _exists_error(target):
+    return FileExistsError(f"{target} already exists; pass force=True (--force) to replace it")
 
 
 def _write_files(folder, splits, report, total):

@@ -150,3 +150,18 @@ def test_read_manifest_names_the_file_and_line_of_bad_rows(tmp_path):
     (tmp_path / "manifest.csv").write_text("file,label\ntrain/1/000000.png,1\n")
     with pytest.raises(ValueError, match="columns must be"):
         spans.read_manifest(tmp_path)
+
+
+def test_a_span_that_appears_while_one_is_written_is_kept_without_force(tmp_path, monkeypatch):
+    write_files = spans._write_files
+
+    def another_writer_finishes_first(folder, *args):
+        write_files(folder, *args)
+        (tmp_path / "span-1").mkdir()
+        (tmp_path / "span-1" / "theirs.png").write_bytes(b"their span")
+
+    monkeypatch.setattr(spans, "_write_files", another_writer_finishes_first)
+    with pytest.raises(FileExistsError, match="span-1 already exists"):
+        spans.write_span(tmp_path, span=1, copies=1, per_class=2)
+    assert (tmp_path / "span-1" / "theirs.png").read_bytes() == b"their span"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["span-1"]
