@@ -17,12 +17,14 @@ resolve accuracy to 0.025%. Without a seed the span number is the seed, so `span
 new data.
 
 A span is written into a hidden `.span-N.partial` folder and renamed when complete, so a
-reader never sees half a span.
+reader never sees half a span; a span it replaces (`force`) is first renamed to `.span-N.old`,
+then deleted.
 """
 
 import csv
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -72,25 +74,35 @@ def write_span(
     target = span_dir(data_root, span)
     seed = span if seed is None else seed
     distorted_mnist.check_split_args(variant, copies, canvas, seed, per_class)
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:
         raise _exists_error(target)
     splits = {
         split: distorted_mnist.make_split(variant, copies, canvas, seed, split, per_class)
         for split in distorted_mnist.SPLITS
     }
     partial = target.with_name(f".{target.name}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
+    _remove(partial)
     total = sum(len(labels) for _, labels, _ in splits.values())
     report(f"writing {total} {variant} images ({canvas}x{canvas}, seed {seed}) to {target}")
     _write_files(partial, splits, report, total)
-    if target.exists():
+    old = target.with_name(f".{target.name}.old")
+    if os.path.lexists(target):
         if not force:  # it appeared while this span was being written: not ours to delete
-            shutil.rmtree(partial)
+            _remove(partial)
             raise _exists_error(target)
-        shutil.rmtree(target)
+        _remove(old)
+        target.rename(old)  # aside first, so no reader sees the old span half deleted
     partial.rename(target)
+    _remove(old)
     return target
+
+
+def _remove(path):
+    """Delete `path` if it is there: a folder with its contents, or a file or link alone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def _exists_error(target):

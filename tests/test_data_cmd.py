@@ -1,6 +1,7 @@
 """`stn-pipeline data` and pipeline.spans: layout, manifest, determinism, --force, errors."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,42 @@ def test_a_span_that_appears_while_one_is_written_is_kept_without_force(tmp_path
         spans.write_span(tmp_path, span=1, copies=1, per_class=2)
     assert (tmp_path / "span-1" / "theirs.png").read_bytes() == b"their span"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["span-1"]
+
+
+def whole(span_folder):
+    """Whether the span's files are exactly those its manifest lists."""
+    rows = spans.read_manifest(span_folder)
+    return sorted(r["file"] for r in rows) == png_files(span_folder)
+
+
+def test_force_replaces_a_span_whole_even_when_stopped_while_deleting(tmp_path, monkeypatch):
+    folder = spans.write_span(tmp_path, span=1, copies=1, per_class=2)
+    rmtree = shutil.rmtree
+
+    def stopped_halfway(path, *args, **kwargs):  # Ctrl-C while the old files are deleted
+        rmtree(Path(path) / "eval")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        spans.write_span(tmp_path, span=1, copies=2, per_class=2, force=True)
+    monkeypatch.undo()
+    assert whole(folder) and len(spans.read_manifest(folder)) == 80  # the new span
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("span-") and p != folder]
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_force_replaces_a_file_or_link_in_the_way(tmp_path, kind):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.txt").write_text("not the span's to delete")
+    root = tmp_path / "data"
+    root.mkdir()
+    if kind == "file":
+        (root / "span-1").write_text("in the way")
+    else:
+        (root / "span-1").symlink_to(elsewhere)
+    folder = spans.write_span(root, span=1, copies=1, per_class=2, force=True)
+    assert folder.is_dir() and not folder.is_symlink() and whole(folder)
+    assert sorted(p.name for p in root.iterdir()) == ["span-1"]
+    assert (elsewhere / "kept.txt").exists()
