@@ -10,10 +10,11 @@ The four distortions are those of the Spatial Transformer Networks paper (Jaderb
   moved by a normal offset (0 mean, 5 px std) per coordinate, as we read the paper's appendix;
   ours truncates the offsets at 2 std and redraws boxes that fold or squash the digit's
   middle (see `_tame`); centred.
-- ``e``   elastic: scale uniform in 0.75-1.0, then the elastic warp of Simard, Steinkraus and
-  Platt 2003 ("Best practices for convolutional neural networks applied to visual document
-  analysis", Sec. 2): a per-pixel displacement field uniform in [-1, 1], smoothed by a Gaussian
-  of std ``sigma`` = 4 px and scaled by ``alpha`` = 34; centred.
+- ``e``   elastic: the elastic warp of Simard, Steinkraus and Platt 2003 ("Best practices for
+  convolutional neural networks applied to visual document analysis", Sec. 2) on the 28 x 28
+  digit: a per-pixel displacement field uniform in [-1, 1], smoothed by a Gaussian of std
+  ``sigma`` = 4 px and scaled by ``alpha`` = 34 (source pixels); then scale uniform in
+  0.75-1.0 (so the warp shrinks with the digit); centred.
 
 In-memory API (no TensorFlow; used by the span writer, the tests and the benchmarks)::
 

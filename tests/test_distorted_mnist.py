@@ -323,3 +323,12 @@ def test_render_rejects_bad_input(source):
         dm.render("mixed", digits, [IDENTITY["r"]] * 2)
     with pytest.raises(ValueError, match="warps"):
         dm.render("r", digits, [IDENTITY["r"]] * 2, warps=[IDENTITY["e"]])
+
+
+def test_e_warps_the_28_x_28_digit_then_scales_it(source):
+    digits = source[0][:10]
+    params = [{"scale": 0.75, "alpha": 34.0, "sigma": 4.0, "field_seed": i} for i in range(10)]
+    warps = [{k: p[k] for k in ("alpha", "sigma", "field_seed")} for p in params]
+    shrunk = [{"angle_deg": 0.0, "scale": 0.75, "dx": 0, "dy": 0}] * 10
+    warped_then_scaled = dm.render("rts", digits, shrunk, 42, warps=warps)
+    assert np.array_equal(dm.render("e", digits, params, 42), warped_then_scaled)
