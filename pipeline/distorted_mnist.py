@@ -5,7 +5,8 @@ The four distortions are those of the Spatial Transformer Networks paper (Jaderb
 
 - ``r``   rotation, angle uniform in +-90 degrees; digit centred in the canvas.
 - ``rts`` rotation +-45 degrees, scale uniform in 0.7-1.2, placed at a random position in the
-  canvas (42 x 42 in the paper) such that the digit's ink stays inside it.
+  canvas (42 x 42 in the paper) such that the digit's ink stays inside it; a turned digit
+  too large for a small canvas (some at 28 x 28) is centred and loses its edges.
 - ``p``   perspective: scale uniform in 0.75-1.0, then each corner of the digit's 28 x 28 box
   moved by a normal offset (0 mean, 5 px std) per coordinate, as we read the paper's appendix;
   ours truncates the offsets at 2 std and redraws boxes that fold or squash the digit's
