@@ -94,7 +94,8 @@ def next_spans(available, last_trained, window):
 
 
 class WatchStateError(ValueError):
-    """The state file cannot be read: no run can be planned until it is fixed or removed."""
+    """The state file cannot be read (no run can be planned until it is fixed or removed), or
+    written (a finished run would be trained again)."""
 
 
 def _runs_problem(runs):
@@ -232,17 +233,24 @@ class Watcher:
         start = "from scratch" if request.warm_start is None else f"from {request.warm_start}"
         self.report(f"new data: training on span(s) {list(request.spans)}, {start}")
         outcome = self.run_fn(request)
-        self.state.record(outcome)
         verdict = "blessed" if outcome.blessed else "not blessed"
         pushed = f"pushed to {outcome.pushed_to}" if outcome.pushed_to else "not pushed"
-        self.report(f"run on span(s) {list(outcome.spans)} finished: {verdict}, {pushed}")
+        finished = f"run on span(s) {list(outcome.spans)} finished: {verdict}, {pushed}"
+        try:
+            self.state.record(outcome)
+        except OSError as error:  # unrecorded, its spans would be trained and pushed again
+            raise WatchStateError(
+                f"{finished}; but the watcher stops: {self.state.path} cannot be written "
+                f"({error}), and until it can, every poll would train on these spans again"
+            ) from error
+        self.report(finished)
         return outcome
 
     def watch(self, interval_s=300.0, once=False, sleep=time.sleep):
         """Poll under the lock, every `interval_s` seconds (once: a single poll); runs made.
 
-        A failing run is reported and retried at the next poll (with `once`, it raises); an
-        unreadable state file (WatchStateError) stops the watcher.
+        A failing run is reported and retried at the next poll (with `once`, it raises); a
+        state file that cannot be read or written (WatchStateError) stops the watcher.
         """
         outcomes = []
         with exclusive_lock(self.lock_path):

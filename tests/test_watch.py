@@ -273,6 +273,30 @@ def test_a_watch_state_that_cannot_be_written_does_not_fail_a_finished_run(
     assert "not recorded for `watch`: [Errno 28] No space left" in capsys.readouterr().err
 
 
+def test_a_finished_run_the_watcher_cannot_record_stops_it_instead_of_training_again(
+    setup, monkeypatch
+):
+    home, data, serving, stand_in, make_watcher = setup
+    _span(data, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def sleep(seconds):
+        raise AssertionError("the watcher polled again")
+
+    monkeypatch.setattr(watcher.tempfile, "NamedTemporaryFile", disk_full)
+    with pytest.raises(watcher.WatchStateError) as stopped:
+        make_watcher().watch(interval_s=1, sleep=sleep)
+    (version,) = os.listdir(serving)
+    assert str(stopped.value) == (
+        f"run on span(s) [1] finished: blessed, pushed to {serving / version}; but the watcher "
+        f"stops: {home / watcher.STATE_FILE} cannot be written ([Errno 28] No space left on "
+        "device), and until it can, every poll would train on these spans again"
+    )
+    assert len(stand_in.requests) == 1
+
+
 @pytest.mark.parametrize(
     ("interval", "words"),
     [
