@@ -1213,10 +1213,28 @@ def test_a_worker_that_fails_in_the_second_a_peer_finished_is_stranded():
     assert "stn-trainer-1-0-x7k0 failed" in _stranded_worker([as_model(pod) for pod in pods])
 
 
-def test_a_worker_pod_made_anew_after_a_peer_finished_is_stranded():
+@pytest.mark.parametrize("minute", ["04", "05"])  # the second worker 1 finished counts too
+def test_a_worker_pod_made_anew_after_a_peer_finished_is_stranded(minute):
     # The chief's node went away after worker 1 finished; the Job made a new chief pod.
-    started = {"running": {"startedAt": "2026-11-25T14:05:00Z"}}
+    started = {"running": {"startedAt": f"2026-11-25T14:{minute}:00Z"}}
     pods = [worker_pod(0, "Running", started), worker_pod(1, "Succeeded", ended(0, "04"))]
     assert _stranded_worker([as_model(pod) for pod in pods]) == (
         "worker pod stn-trainer-1-0-x7k0 started after a peer had finished, so it cannot resume"
     )
+
+
+def test_a_worker_is_stranded_by_the_first_peer_that_finished_not_the_last():
+    # Worker 1 finished at 14:04; the chief failed at 14:05 and runs again, waiting for worker
+    # 1's collectives; worker 2 finished its own work at 14:06.
+    pods = [
+        worker_pod(
+            0,
+            "Running",
+            {"running": {"startedAt": "2026-11-25T14:05:00Z"}},
+            1,
+            last_state=ended(1, "05"),
+        ),
+        worker_pod(1, "Succeeded", ended(0, "04")),
+        worker_pod(2, "Succeeded", ended(0, "06")),
+    ]
+    assert "stn-trainer-1-0-x7k0 failed" in _stranded_worker([as_model(pod) for pod in pods])
