@@ -124,6 +124,15 @@ def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(kind):
         serving.decode_image(huge, (SIZE, SIZE))
 
 
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+def test_an_image_of_max_image_pixels_is_decoded_and_one_more_column_is_refused(kind):
+    data = encode(np.zeros((2048, 8192), np.uint8), kind)  # 8192 x 2048 = 4096 x 4096 pixels
+    assert serving.decode_images([data], (SIZE, SIZE)).shape == (1, SIZE, SIZE, 1)
+    wider = with_size(data, kind, 8193, 2048)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 16777216 pixels"):
+        serving.decode_images([wider], (SIZE, SIZE))
+
+
 @pytest.mark.parametrize("kind", ["GIF", "BMP"])
 def test_images_tensorflow_decodes_but_the_contract_does_not_name_are_refused(kind):
     # A GIF decodes to the size of its largest frame, which may sit anywhere in the file.
