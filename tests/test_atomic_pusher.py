@@ -9,10 +9,12 @@ from tfx.types import standard_artifacts, standard_component_specs
 from tfx.utils import io_utils, path_utils, proto_utils
 
 from components import atomic_pusher
+from pipeline.configs import is_version_name
 
 
-def _push(tmp_path, serving):
-    """Run the executor on a blessed model of two files; the PushedModel artifact."""
+def _push(tmp_path, serving, blessed=1):
+    """Run the executor on a model of two files (blessed by the Evaluator, or not); the
+    PushedModel artifact."""
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
     exported = path_utils.serving_model_path(model.uri)
@@ -21,9 +23,12 @@ def _push(tmp_path, serving):
         with open(os.path.join(exported, name), "w") as handle:
             handle.write(name)
     blessings = []
-    for kind in (standard_artifacts.ModelBlessing, standard_artifacts.InfraBlessing):
+    for kind, value in (
+        (standard_artifacts.ModelBlessing, blessed),
+        (standard_artifacts.InfraBlessing, 1),
+    ):
         blessing = kind()
-        blessing.set_int_custom_property("blessed", 1)
+        blessing.set_int_custom_property("blessed", value)
         blessings.append(blessing)
     pushed = standard_artifacts.PushedModel()
     pushed.uri = str(tmp_path / "pushed")
@@ -53,6 +58,8 @@ def test_a_push_that_fails_midway_leaves_no_version_folder(tmp_path, monkeypatch
     os.makedirs(serving / "7")  # the version being served
 
     def disk_full(source, destination, overwrite=False):
+        # While the copy goes on, serving/ holds no version folder but the served one.
+        assert [name for name in os.listdir(serving) if is_version_name(name)] == ["7"]
         with open(destination, "w") as handle:
             handle.write("trunc")  # a truncated saved_model.pb, as a full disk leaves it
         raise OSError(28, "No space left on device")
@@ -82,3 +89,12 @@ def test_the_version_is_raised_above_folders_listed_as_an_object_store_lists_the
     listing = ["1700000000/", "notes.txt", ".incoming/"]  # tf.io.gfile.listdir on gs://
     monkeypatch.setattr(atomic_pusher.fileio, "listdir", lambda base: listing)
     assert atomic_pusher._next_version("gs://bucket/serving/stn", 1600000000) == "1700000001"
+
+
+def test_a_model_that_was_not_blessed_is_not_pushed(tmp_path):
+    serving = tmp_path / "serving" / "stn"
+    os.makedirs(serving / "7")
+    pushed = _push(tmp_path, serving, blessed=0)
+    assert pushed.get_int_custom_property("pushed") == 0
+    assert not pushed.has_custom_property("pushed_destination")
+    assert os.listdir(serving) == ["7"]
