@@ -463,6 +463,20 @@ def test_worker_records_shard_by_data_into_disjoint_complete_even_shards(tmp_pat
         shard(tmp_path / "none", 2, 0)
 
 
+def test_worker_records_read_the_files_in_name_order(tmp_path):
+    # Each worker is a process of its own (its own string hash seed): all must list the files
+    # in one order, or their shards overlap. File f of 8 holds the one record labelled f.
+    write_examples(tmp_path, count=8, files=8)
+    records = worker_records(
+        [str(tmp_path / "Split-train" / "*")], tf.distribute.InputContext(1, 0)
+    )
+    labels = [
+        tf.train.Example.FromString(r.numpy()).features.feature["label"].int64_list.value[0]
+        for r in records
+    ]
+    assert labels == list(range(8))
+
+
 def test_worker_tf_config_and_roles():
     config = tf_config_for(["a:1", "b:2", "c:3"], 2)
     assert config == {
