@@ -1,5 +1,7 @@
 """The paper's models: documented sizes, output shape, one training step, the rectifier."""
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -226,3 +228,33 @@ def test_the_smallest_inputs_the_localization_net_takes_build_and_run():
             full_resolution_localization=full_resolution,
         )
         assert model(np.zeros((2, side, side, 1), np.float32)).shape == (2, 3)
+
+
+@functools.cache
+def _architecture(name, option=None):
+    """The config of model `name` built with `option` (a (name, value) pair) or none."""
+    keras.backend.clear_session()  # layer names restart, so equal models give equal configs
+    return build_model(name, **dict([option] if option else [])).get_config()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("st_iterations", 2),
+        ("full_resolution_localization", True),
+        ("localization_hidden_units", 50),
+    ],
+)
+def test_a_config_takes_a_transformer_option_for_exactly_the_models_it_changes(option):
+    from pipeline.configs import PipelineConfig
+
+    def accepted(name):
+        try:
+            PipelineConfig(model=name, **dict([option]))
+        except ValueError:
+            return False
+        return True
+
+    changes = {name: _architecture(name, option) != _architecture(name) for name in MODEL_NAMES}
+    assert {name: accepted(name) for name in MODEL_NAMES} == changes
+    assert any(changes.values()) and not all(changes.values())
