@@ -5,6 +5,7 @@ calls the kfp 2.13 `Client` makes (healthz, pipelines, upload, upload_version, e
 recurring runs) the way the KFP API server does, and records every request.
 """
 
+import argparse
 import email.parser
 import http.server
 import itertools
@@ -21,7 +22,7 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from pipeline import cli, kfp_step
+from pipeline import cli, compile_cmd, kfp_step
 from pipeline.configs import PipelineConfig, load_config
 
 IMAGE = "registry.example/stn-pipeline:9.9"
@@ -795,11 +796,25 @@ def test_schedule_rejects_a_package_it_cannot_upload_before_calling_kubeflow(
     assert kfp_server.calls == []
 
 
+def _compile_options():
+    """The options `add_compile_arguments` gives but --config (it names the pipeline)."""
+    parser = argparse.ArgumentParser()
+    compile_cmd.add_compile_arguments(parser)
+    return [
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option not in ("-h", "--help", "--config")
+    ]
+
+
 def test_schedule_refuses_compile_options_a_package_would_ignore(kfp_server, package, capsys):
-    assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--image", "stn:new") == 2
-    assert "--image shape(s) a package as it is compiled" in capsys.readouterr().err
-    assert _schedule(kfp_server, package, "--cron", "0 3 * * *", "--target", "kubeflow") == 2
-    assert "--target shape(s) a package as it is compiled" in capsys.readouterr().err
+    options = _compile_options()
+    assert {"--home", "--image", "--target"} <= set(options)
+    for option in options:
+        value = "kubeflow" if option == "--target" else "x"
+        assert _schedule(kfp_server, package, "--cron", "0 3 * * *", option, value) == 2
+        assert f"{option} shape(s) a package as it is compiled" in capsys.readouterr().err
     assert kfp_server.calls == []
 
 
