@@ -213,7 +213,7 @@ def test_input_pictures_are_decoded_as_the_model_decodes_them():
             "the run was stopped (killed or interrupted) before the Pusher",
         ),
         (
-            {"Trainer": "COMPLETE", "Evaluator": "FAILED"},
+            {"ImageExampleGen": "CACHED", "Trainer": "COMPLETE", "Evaluator": "FAILED"},
             False,
             "the pipeline stopped before the Pusher (Evaluator failed)",
         ),
@@ -230,11 +230,15 @@ def test_a_run_that_has_not_reached_the_pusher_says_whether_it_is_still_going(
     from pipeline import watcher
 
     nodes = {name: summary.NodeRun(name, state, 1.0, {}) for name, state in states.items()}
-    config = load_config(None, {}, home=str(tmp_path))  # nothing under its serving/
+    config = load_config(None, {}, home=str(tmp_path))
+    for version in ("1000", "99"):
+        os.makedirs(os.path.join(config.serving_dir, version))
     lock = os.path.join(tmp_path, watcher.LOCK_FILE)
+    with watcher.exclusive_lock(lock):  # an earlier run's lock file stays, no longer held
+        pass
     with watcher.exclusive_lock(lock) if locked else contextlib.nullcontext():
         note = summary._push_note(nodes, config)
-    assert note == f"not pushed: {words}; nothing is served yet"
+    assert note == f"not pushed: {words}; serving keeps version 1000"
 
 
 @pytest.mark.parametrize(
@@ -334,12 +338,31 @@ def test_an_earlier_run_is_not_told_by_what_is_served_or_locked_now(tmp_path):
         "later": ("stn-pipeline", pb.Execution.COMPLETE),
     }
     _metadata_with_runs(config.metadata_path, runs)
-    os.makedirs(os.path.join(config.serving_dir, "1795962442"))  # pushed after "killed"
+    for version in ("1795962442", "999"):  # the newest, pushed after "killed", and an older one
+        os.makedirs(os.path.join(config.serving_dir, version))
     with watcher.exclusive_lock(os.path.join(tmp_path, watcher.LOCK_FILE)):  # a later run
         note = summary.run_report(config, "killed").push_note
     assert note == (
         "not pushed: the run was stopped (killed or interrupted) before the Pusher; "
         "version 1795962442 is served now"
+    )
+
+
+def test_the_latest_run_asked_for_by_its_id_is_told_by_what_is_locked_now(tmp_path):
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    from pipeline import watcher
+
+    config = load_config(None, {}, home=str(tmp_path))
+    runs = {
+        "killed": ("stn-pipeline", pb.Execution.RUNNING),
+        "going": ("stn-pipeline", pb.Execution.RUNNING),
+    }
+    _metadata_with_runs(config.metadata_path, runs)
+    with watcher.exclusive_lock(os.path.join(tmp_path, watcher.LOCK_FILE)):  # "going" runs
+        note = summary.run_report(config, "going").push_note
+    assert note == (
+        "not pushed: the run is still going (report it again when it ends); nothing is served yet"
     )
 
 
