@@ -1,11 +1,19 @@
 """The examples of README.md run as written: the python of "## The layer", the YAML of
-"## Configuration"."""
+"## Configuration", the predict request of "## The two commands"."""
 
+import contextlib
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -52,3 +60,40 @@ def test_readme_configuration_example_loads_and_states_the_defaults(tmp_path):
     assert {"st_iterations", "equivariance_weight"} <= shown
     for name in shown:
         assert getattr(config, name) == getattr(PipelineConfig(), name), name
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_readme_predict_request_pasted_as_a_block_gets_predictions(tmp_path):
+    """Pasted whole, the request is sent while the server is still starting."""
+    from pipeline.linear_savedmodel import NUM_PIXELS, save_linear_classifier
+
+    home = tmp_path / "stn_home"
+    save_linear_classifier(str(home / "serving/stn/1"), np.zeros((NUM_PIXELS, 10)), np.zeros(10))
+    (home / "data/span-1/eval/7").mkdir(parents=True)
+    Image.fromarray(np.zeros((42, 42), np.uint8)).save(home / "data/span-1/eval/7/0.png")
+    command = tmp_path / ".venv/bin/stn-pipeline"
+    command.parent.mkdir(parents=True)
+    command.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipeline.cli "$@"\n')
+    command.chmod(0o755)
+    with socket.socket() as probe:  # a free port for 8501, which may be taken here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    (block,) = [block for block in blocks if "serve &" in block]
+    block = block.replace("serve &", f"serve --port {port} &").replace(":8501", f":{port}")
+    env = {**os.environ, "PYTHONPATH": str(README.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(
+        ["bash", "-c", block + 'kill "$!"; wait "$!"\n'],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a server that outlived the block
+            os.killpg(process.pid, signal.SIGKILL)
+    assert out.startswith('{"predictions": [{"classes": '), out
