@@ -27,7 +27,8 @@ has another shape or no label (or one above 2**63-1); a FIFO, device or socket n
 image or TFRecord file (not read: a FIFO blocks a read, /dev/zero never ends); a TFRecord file
 that does not read to its end (none of its records are used); one record of a readable
 TFRecord file that is not a valid example. A file name that is not UTF-8 fails the run naming
-it: TensorFlow cannot list its folder at all. Skipped inputs are logged and recorded on the
+it: TensorFlow cannot list its folder at all; so does a manifest or labels CSV that is a FIFO,
+device or socket. Skipped inputs are logged and recorded on the
 output artifact (`skipped_file_count`, `skipped_files`: one entry per bad input).
 """
 
@@ -36,7 +37,6 @@ import gzip
 import hashlib
 import json
 import os
-import stat
 import zlib
 from typing import NamedTuple
 
@@ -246,23 +246,9 @@ class _ImageToExample(beam.DoFn):
             yield _example(data, source.label, source.variant, source.distortion)
 
 
-def _special_file_reason(path):
-    """Why local `path` is not read if it is a FIFO, a device or a socket (or links to one),
-    else None: reading one could block forever or never end."""
-    if "://" in path:
-        return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:  # a broken link: the read says what is wrong
-        return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    return "not a regular file: a FIFO, a device or a socket"
-
-
 def _read_image(path, shape):
     """(the encoded image at `path`, None), or (None, what is wrong with it)."""
-    reason = _special_file_reason(path)
+    reason = image_listing.special_file_reason(path)
     if reason is not None:
         return None, f"cannot be read ({reason})"
     try:
@@ -331,7 +317,7 @@ def _read_tfrecord(path):
     bytes of length and CRCs). A `.gz` file's stream is its decompressed content, which
     Python's gzip reads to the end-of-stream marker, so a cut anywhere in it is found too.
     """
-    reason = _special_file_reason(path)
+    reason = image_listing.special_file_reason(path)
     if reason is not None:
         return None, reason
     compression = "GZIP" if path.lower().endswith(".gz") else ""

@@ -13,6 +13,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 
 from tfx.dsl.io import fileio
 
@@ -156,11 +157,28 @@ def _folders_above(relative):
     yield ""
 
 
+def special_file_reason(path):
+    """Why local `path` is not read if it is a FIFO, a device or a socket (or links to one),
+    else None: reading one could block forever or never end."""
+    if "://" in path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a broken link: the read says what is wrong
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "not a regular file: a FIFO, a device or a socket"
+
+
 def _read_table(csv_path, folder, columns):
     """{file path relative to the input base: row} of the CSV at `csv_path` in `folder`.
 
     Its rows must fill `columns`; raises ValueError naming the CSV and the line.
     """
+    reason = special_file_reason(csv_path)
+    if reason is not None:
+        raise ValueError(f"{csv_path}: cannot be read ({reason})")
     with fileio.open(csv_path, "rb") as handle:
         data = handle.read()
     try:

@@ -242,15 +242,37 @@ def test_image_problem_rejects_a_png_whose_last_checksum_is_wrong():
 def test_a_fifo_named_like_an_input_is_a_bad_input_not_read(tmp_path, name, read, problem):
     fifo = tmp_path / name
     os.mkfifo(fifo)
+    assert _call_unless_blocked_on(fifo, lambda: read(str(fifo))) == (None, problem)
+
+
+def test_a_fifo_named_like_a_manifest_is_refused_not_read(tmp_path):
+    span = write_test_span(tmp_path, labels={"train": [7], "eval": []})
+    (span / image_listing.MANIFEST).unlink()
+    os.mkfifo(span / image_listing.MANIFEST)
+
+    def listing():
+        with pytest.raises(ValueError) as refused:
+            image_listing.list_split(str(tmp_path), "span-1/train/*/*")
+        return str(refused.value)
+
+    assert _call_unless_blocked_on(span / image_listing.MANIFEST, listing) == (
+        f"{span / image_listing.MANIFEST}: cannot be read (not a regular file: a FIFO, a "
+        "device or a socket)"
+    )
+
+
+def _call_unless_blocked_on(fifo, function):
+    """`function()`'s result; it fails if `function` blocked on opening `fifo` (released)."""
     results = []
-    reader = threading.Thread(target=lambda: results.append(read(str(fifo))))
+    reader = threading.Thread(target=lambda: results.append(function()))
     reader.start()
     reader.join(10)
     if reader.is_alive():  # blocked opening the FIFO, as ingest would be forever: release it
         with open(fifo, "wb"):
             pass
         reader.join()
-    assert results == [(None, problem)]
+        pytest.fail(f"blocked reading {fifo}")
+    return results[0]
 
 
 # ---- listing a split (no pipeline) ----
