@@ -196,6 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
             except RequestError as error:
                 status, payload = HTTPStatus(error.status), {"error": str(error)}
                 headers = error.headers
+            except ConnectionError:  # reset while its request was read: no one to answer
+                self._client_left()
+                return
             except Exception as error:  # a bug or a model failure: answer it, keep serving
                 log.exception("error answering %s %s", self.command, self.path)
                 status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)}
@@ -214,9 +217,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except ConnectionError:
+            self._client_left()
+
+    def _client_left(self):
+        """A client that closed its connection before its answer: a line, not a traceback."""
+        log.info("%s closed the connection before its answer", self.address_string())
+        self.close_connection = True
 
     def _route(self):
         body = self._read_body()  # first, so an early answer leaves no bytes unread

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -274,6 +275,31 @@ def raw_exchange(server, request_bytes):
         while chunk := connection.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_client_that_leaves_mid_body_is_a_log_line_not_a_traceback(
+    served_first, pngs, monkeypatch, caplog, reset
+):
+    unhandled = []
+    monkeypatch.setattr(served_first, "handle_error", lambda *args: unhandled.append(args))
+    host, port = served_first.server_address[:2]
+    with caplog.at_level(logging.DEBUG, logger="pipeline.model_server"):
+        with socket.create_connection((host, port)) as connection:
+            if reset:  # close with a TCP reset, not a FIN
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.sendall(
+                b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000"
+                b"\r\n\r\n0123456789"
+            )
+        # Reset: the body's read fails. Closed: the 400 for the short body is sent (and its
+        # write fails when the client's reset has come back by then).
+        noticed = "closed the connection" if reset else '" 400 '
+        wait_until(lambda: noticed in caplog.text, "the server to notice")
+        time.sleep(0.2)  # for the answer's writes to end
+    assert unhandled == []
+    assert all(record.levelno < logging.WARNING for record in caplog.records), caplog.text
+    assert predict_classes(served_first, pngs[:1]).shape == (1,)
 
 
 def test_oversized_request_is_refused_before_its_body_is_sent(served_first, pngs):
