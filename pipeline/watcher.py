@@ -34,6 +34,7 @@ from pipeline.summary import served_versions
 STATE_FILE = "watch_state.json"
 LOCK_FILE = "watch.lock"
 EXIT_BUSY = 3  # the exit status of `run` and `watch` while another one holds the home
+LOCK_PATIENCE_S = 1.0  # how long to wait out a lock held briefly (`report`'s probe of it)
 _SPAN_FOLDER = re.compile(r"span-([1-9][0-9]*)")
 
 logger = logging.getLogger(__name__)
@@ -161,17 +162,16 @@ class WatchState:
 
 @contextlib.contextmanager
 def exclusive_lock(path):
-    """Hold an exclusive flock on `path` or raise WatcherBusy naming the holder."""
+    """Hold an exclusive flock on `path` or raise WatcherBusy naming the holder (one that
+    still holds it after LOCK_PATIENCE_S)."""
     handle = open(path, "a+")  # noqa: SIM115 (held for the lifetime of the context)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(handle, LOCK_PATIENCE_S):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise WatcherBusy(
                 f"another run or watcher (pid {holder}) holds {path}; one per home at a time"
-            ) from None
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -179,6 +179,19 @@ def exclusive_lock(path):
         yield
     finally:
         handle.close()  # closing releases the lock
+
+
+def _flock_within(handle, seconds):
+    """Take an exclusive flock on `handle`, trying for `seconds`; whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def lock_held(path):

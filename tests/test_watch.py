@@ -204,6 +204,19 @@ def test_two_watchers_at_once_make_one_run(setup):
     assert make_watcher().watch(once=True) == []  # the lock is free again; nothing new
 
 
+def test_a_lock_held_for_a_moment_is_waited_for_not_reported_busy(tmp_path):
+    """`report` probes the lock (lock_held) with a shared flock: a run starting then waits."""
+    import fcntl
+
+    path = tmp_path / watcher.LOCK_FILE
+    path.write_text("")
+    with open(path) as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH)
+        threading.Timer(0.3, probe.close).start()  # the probe lets go
+        with watcher.exclusive_lock(str(path)):
+            assert path.read_text() == f"{os.getpid()}\n"
+
+
 def test_watch_command_exits_with_a_message_while_another_watcher_runs(setup, capsys):
     home, data, _, _, _ = setup
     _span(data, 1)
