@@ -196,14 +196,19 @@ def compare(a, b, names=("A", "B"), plots=None, out=None):
             continue
         labels = [f"{low:g}-{high:g}" for low, high in itertools.pairwise(bins)]
         rows = [
-            [label] + [f"{t[i][3]} of {t[i][2]} ({percent(t[i]):.1f}%)" for t in tables.values()]
-            for i, label in enumerate(labels)
+            [label] + [angle_cell(t[i]) for t in tables.values()] for i, label in enumerate(labels)
         ]
         print(f"\nerrors by {what}, in degrees:", file=out)
         print_table(["degrees", *tables], rows, file=out)
         if plots:
             path = os.path.join(plots, f"errors_by_{column}.png")
             plot_errors_by_angle(tables, labels, what, path)
+
+
+def angle_cell(angle_bin):
+    """'errors of images (error %)' of one bin of `errors_by_angle`; no % for an empty bin."""
+    _, _, images, errors = angle_bin
+    return f"{errors} of {images} ({percent(angle_bin):.1f}%)" if images else "no images"
 
 
 def percent(angle_bin):

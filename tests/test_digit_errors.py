@@ -187,6 +187,10 @@ def test_angle_bins_without_images_get_no_bar(tmp_path, monkeypatch):
     tables = {"A": [(0, 15, 4, 1), (15, 45, 0, 0)], "B": [(0, 15, 4, 2), (15, 45, 0, 0)]}
     digit_errors.plot_errors_by_angle(tables, ["0-15", "15-45"], "angle", tmp_path / "x.png")
     assert drawn == [{"0-15 degrees": {"A: error %": 25.0, "B: error %": 50.0}}]
+    assert [digit_errors.angle_cell(angle_bin) for angle_bin in tables["A"]] == [
+        "1 of 4 (25.0%)",
+        "no images",
+    ]
 
 
 @pytest.mark.parametrize(
