@@ -145,8 +145,7 @@ def run_fn(fn_args, strategy=None):
         ).repeat()
     )
     validation_steps = fn_args.eval_steps
-    replicated = strategy.num_replicas_in_sync > 1
-    if replicated and not validation_steps:
+    if distributes_datasets(strategy) and not validation_steps:
         # Keras needs a step count for a distributed dataset; every replica runs as many.
         validation_steps = max(1, count_records(fn_args.eval_files) // global_batch)
 
@@ -280,6 +279,12 @@ def _transformer(model, options):
     from stn_model.models import find_spatial_transformer
 
     return find_spatial_transformer(model) if options.model.startswith("st_") else None
+
+
+def distributes_datasets(strategy):
+    """Whether `strategy` hands Keras distributed datasets: any strategy but the default one,
+    with one replica too (a lone MultiWorkerMirroredStrategy worker)."""
+    return tf.distribute.has_strategy() or strategy is not tf.distribute.get_strategy()
 
 
 def is_chief(cluster_resolver):

@@ -270,6 +270,14 @@ def test_eval_steps_beyond_the_eval_split_validate_every_epoch(tmp_path, caplog)
     assert all("val_accuracy" in line for line in epochs), epochs
 
 
+def test_one_replica_of_a_distribution_strategy_trains_and_validates(tmp_path):
+    """One Kubernetes worker (MultiWorkerMirroredStrategy) has one replica, but Keras still gets
+    distributed datasets, which need a step count: validation must have one."""
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        fn_args = train(tmp_path, 32, train_steps=2, seed=4, model="cnn")
+    assert tf.saved_model.load(fn_args.serving_model_dir).signatures["serving_default"]
+
+
 def test_warm_start_loads_the_pushed_weights(trained):
     loaded = tf.saved_model.load(trained.serving_model_dir)
     model = build_model("st_cnn_affine", input_shape=(SIZE, SIZE, 1), num_classes=10)
