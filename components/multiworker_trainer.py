@@ -16,6 +16,10 @@ The Trainer module's `run_fn` should, for multi-worker training:
   (that is where the launcher looks for the step it resumes from);
 - call `model.save(fn_args.serving_model_dir)` on every worker: only the chief's
   `serving_model_dir` is the real one, the others point at temporary directories.
+
+A `warm_start_model` in `custom_config` is copied into the model run dir first, and the workers
+get the copy: they share the pipeline root with the executor, not its other volumes (on
+Kubernetes, the pushed models are another claim, which the workers do not mount).
 """
 
 import hashlib
@@ -29,11 +33,13 @@ from tfx.components.trainer.executor import GenericExecutor
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.types import artifact_utils, standard_component_specs
-from tfx.utils import json_utils
+from tfx.utils import io_utils, json_utils
 
 from components.multiworker_config import CONFIG_KEY, MultiWorkerConfig
 
 BACKUP_DIR_NAME = "backup"
+WARM_START_KEY = "warm_start_model"
+WARM_START_DIR_NAME = "warm_start"
 
 
 def worker_job_name(model_run_dir: str) -> str:
@@ -54,6 +60,7 @@ class MultiWorkerExecutor(GenericExecutor):
         self._log_startup(input_dict, output_dict, exec_properties)
         config, worker_properties = split_config(exec_properties)
         fn_args = self._GetFnArgs(input_dict, output_dict, worker_properties)
+        worker_properties = share_warm_start(worker_properties, fn_args.model_run_dir)
         spec_path = os.path.join(fn_args.model_run_dir, "multiworker_spec.json")
         spec = {
             "input_dict": artifact_utils.jsonify_artifact_dict(input_dict),
@@ -91,6 +98,19 @@ def split_config(exec_properties: dict[str, Any]) -> tuple[MultiWorkerConfig, di
     worker_properties = dict(exec_properties)
     worker_properties[key] = json_utils.dumps(custom_config or None)
     return config, worker_properties
+
+
+def share_warm_start(worker_properties: dict[str, Any], model_run_dir: str) -> dict[str, Any]:
+    """The exec properties with custom_config's `warm_start_model` copied into `model_run_dir`
+    (the workers read the copy); unchanged when there is none, or none this process can see."""
+    key = standard_component_specs.CUSTOM_CONFIG_KEY
+    custom_config = json_utils.loads(worker_properties.get(key) or "null") or {}
+    source = custom_config.get(WARM_START_KEY)
+    if not source or not fileio.isdir(source):
+        return worker_properties
+    copy = os.path.join(model_run_dir, WARM_START_DIR_NAME)
+    io_utils.copy_dir(source, copy)
+    return {**worker_properties, key: json_utils.dumps({**custom_config, WARM_START_KEY: copy})}
 
 
 class MultiWorkerTrainer(Trainer):

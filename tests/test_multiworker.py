@@ -556,6 +556,29 @@ def test_component_keeps_the_trainer_spec():
         )
 
 
+def test_workers_warm_start_from_a_copy_on_the_pipeline_root(tmp_path, monkeypatch):
+    """On Kubernetes the pushed models are a claim the workers do not mount (k8s/base): the
+    watcher's warm-start model must reach them through the pipeline root."""
+    pushed = tmp_path / "serving" / "stn" / "3"
+    (pushed / "variables").mkdir(parents=True)
+    (pushed / "variables" / "variables.index").write_bytes(b"weights")
+    seen = {}
+
+    def workers(spec_path, num_workers, max_restarts, backup_dir):
+        spec = json.loads(Path(spec_path).read_text())
+        seen.update(json.loads(spec["exec_properties"]["custom_config"]))
+        (tmp_path / "model" / "Format-Serving").mkdir(parents=True)
+
+    monkeypatch.setattr(worker_launcher, "run_local", workers)
+    examples = write_examples(tmp_path / "examples", count=4)
+    model_run, _ = run_executor(
+        tmp_path, examples, MultiWorkerConfig(), steps=1, warm_start_model=str(pushed)
+    )
+    copy = Path(seen["warm_start_model"])
+    assert copy.is_relative_to(model_run)
+    assert (copy / "variables" / "variables.index").read_bytes() == b"weights"
+
+
 # ---------------------------------------------------------------- Kubernetes backend
 
 K8S = KubernetesConfig(
