@@ -492,8 +492,13 @@ def run_on_kubernetes(
             job_warnings=lambda: _warnings_about(core, namespace, created.metadata.uid),
         )
 
+        # Every failed container run seen, in order: once the Job fails for good, Kubernetes
+        # terminates its pods (restartPolicy OnFailure), and their statuses go with them.
+        failures = {}
+
         def check_pods():
             pods = logs.pods()
+            failures.update(dict.fromkeys(_pod_failures(pods)))
             logs.follow_started(pods)
             startup.check(pods, time.monotonic())
             if stranded := _stranded_worker(pods):
@@ -502,8 +507,9 @@ def run_on_kubernetes(
         outcome, detail = _wait_for_job(batch, namespace, name, check_pods, k8s.poll_timeout_s)
         logs.finish()
         if outcome == "Failed":
-            failures = "\n".join(_pod_failures(logs.pods())) or "(no failed container seen)"
-            raise WorkerGroupError(f"job {namespace}/{name} failed: {detail}\n{failures}")
+            failures.update(dict.fromkeys(_pod_failures(logs.pods())))
+            seen = "\n".join(failures) or "(no failed container seen)"
+            raise WorkerGroupError(f"job {namespace}/{name} failed: {detail}\n{seen}")
         log.info("job %s/%s completed", namespace, name)
     finally:
         _delete(batch.delete_namespaced_job, name, namespace)

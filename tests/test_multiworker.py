@@ -1229,6 +1229,30 @@ def test_a_worker_that_fails_after_a_peer_finished_fails_the_group(fake_apiserve
     )
 
 
+@pytest.mark.parametrize(
+    "fake_apiserver",
+    [
+        {
+            "job_result": "Failed",
+            "pod_script": [
+                [
+                    worker_pod(0, "Running", RUNNING),
+                    worker_pod(
+                        1, "Running", RUNNING, 1, last_state=ended(1, "03", "OOM in step 7")
+                    ),
+                ],
+                [],  # the Job failed for good: Kubernetes terminated its pods
+            ],
+        }
+    ],
+    indirect=True,
+)
+def test_a_failure_seen_before_the_jobs_pods_were_removed_is_reported(fake_apiserver):
+    text = group_failure(fake_apiserver)
+    assert text.endswith("stn-trainer-1-1-x7k1: exit code 1 (Error): OOM in step 7")
+    assert "(no failed container seen)" not in text
+
+
 def test_workers_that_failed_before_any_peer_finished_are_not_stranded():
     # Both failed at 14:03 and ran again together; then both finished: a normal recovery.
     pods = [
