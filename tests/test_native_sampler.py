@@ -312,3 +312,17 @@ def test_keras_saved_model_format_traces_the_pure_path(tmp_path):
     model.save(tmp_path / "keras_saved_model", save_format="tf")
     saved = (tmp_path / "keras_saved_model" / "saved_model.pb").read_bytes()
     assert not any(op in saved for op in OPS)
+
+
+@needs_native
+def test_a_signature_traced_before_the_save_is_portable_only_within_the_scope(tmp_path):
+    # README: a concrete function traced before the save keeps the native op in the SavedModel.
+    model = tiny_st_model()
+    spec = tf.TensorSpec([None, 12, 10, 1])
+    native_traced = tf.function(model, input_signature=[spec]).get_concrete_function()
+    with portable_ops():
+        portable_traced = tf.function(model, input_signature=[spec]).get_concrete_function()
+    for name, signature in [("native", native_traced), ("portable", portable_traced)]:
+        tf.saved_model.save(model, str(tmp_path / name), signatures=signature)
+        saved = (tmp_path / name / "saved_model.pb").read_bytes()
+        assert any(op in saved for op in OPS) == (name == "native")
