@@ -21,8 +21,8 @@ edge pixel under "border", zero grid gradient), while NaN samples NaN in every c
 NaN grid gradient (and adds nothing to the image gradient), so a localization net that diverged
 shows up as a NaN loss instead of a blank image. (PyTorch's CPU kernel gives NaN too; its CUDA
 and MPS kernels do not agree.) What the static shapes leave open (the rank, the last grid
-dimension, the batch size) is checked when the function runs; XLA (jit_compile) ignores the
-batch size check, an assertion.
+dimension, the batch size, a positive height and width) is checked when the function runs; XLA
+(jit_compile) ignores the batch size and the height and width checks, assertions.
 """
 
 import contextlib
@@ -42,7 +42,8 @@ _PORTABLE = contextvars.ContextVar("stn_portable_ops", default=False)
 
 def _checked(images, grid, padding_mode):
     """(images, grid), after raising ValueError for what the static shapes show wrong and adding
-    run-time checks of what they leave open: the rank, the last grid dimension, the batch size."""
+    run-time checks of what they leave open: the rank, the last grid dimension, the batch size,
+    a positive height and width."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     if not images.dtype.is_floating:
@@ -64,13 +65,23 @@ def _checked(images, grid, padding_mode):
         images = tf.ensure_shape(images, [None] * 4, name="images")
     if grid.shape[-1] is None:
         grid = tf.ensure_shape(grid, [None, None, None, 2], name="grid")
+    checks = []
     if None in batches:
-        same_batch = tf.debugging.assert_equal(
-            tf.shape(images)[0],
-            tf.shape(grid)[0],
-            message="images and grid must have the same batch size",
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.shape(images)[0],
+                tf.shape(grid)[0],
+                message="images and grid must have the same batch size",
+            )
         )
-        with tf.control_dependencies([same_batch]):
+    if None in images.shape[1:3]:
+        checks.append(
+            tf.debugging.assert_positive(
+                tf.shape(images)[1:3], message="images must have a positive height and width"
+            )
+        )
+    if checks:
+        with tf.control_dependencies(checks):
             grid = tf.identity(grid)
     return images, grid
 

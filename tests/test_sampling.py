@@ -259,6 +259,15 @@ def test_unknown_rank_and_last_dimension_are_checked_at_run_time():
         sample(tf.zeros([2, 5, 4]), grid)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("shape", [(1, 0, 4, 1), (1, 3, 0, 1)])
+def test_an_empty_height_or_width_known_only_at_run_time_raises(shape, padding_mode):
+    spec = [tf.TensorSpec([None] * 4), tf.TensorSpec([None, None, None, 2])]
+    sample = tf.function(lambda i, g: bilinear_sample(i, g, padding_mode), input_signature=spec)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="positive height and width"):
+        sample(tf.ones(shape), tf.zeros([1, 2, 2, 2]))
+
+
 @pytest.mark.parametrize(("padding_mode", "align_corners"), MODES)
 def test_inf_coordinates_lie_outside_and_nan_coordinates_sample_nan(padding_mode, align_corners):
     rng = np.random.default_rng(10)
