@@ -4,7 +4,8 @@
 `DataValidationError`, listing every problem in words, when ExampleValidator found anomalies
 or the statistics show what TFDV's schema cannot express: a split without examples, a label
 the model has no output for (at or above `num_classes`), or a train split whose labels are all
-one class. The pipeline makes the trainer depend on the gate
+one class or lack one of the model's classes (with the curated schema, whose categorical label
+makes the statistics count every class). The pipeline makes the trainer depend on the gate
 (`trainer.add_upstream_node(gate)`), so nothing downstream runs after a failure.
 """
 
@@ -48,7 +49,8 @@ def statistics_problems(statistics, split, label_feature, check_classes, num_cla
     """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`.
 
     Labels must be below `num_classes`, the model's outputs (None: not checked); with
-    `check_classes` the split must hold at least two classes.
+    `check_classes` the split must hold at least two classes, and every one below
+    `num_classes` when the statistics count them.
     """
     if statistics.num_examples == 0:
         # An empty split folder stops ImageExampleGen; here every input was skipped as bad.
@@ -60,7 +62,10 @@ def statistics_problems(statistics, split, label_feature, check_classes, num_cla
     label = _feature_statistics(statistics, label_feature)
     if label is None:
         return [f"split '{split}' has no statistics for the label feature '{label_feature}'"]
-    low, high = label.num_stats.min, label.num_stats.max
+    classes = _classes(label)
+    low, high = (
+        (min(classes), max(classes)) if classes else (label.num_stats.min, label.num_stats.max)
+    )
     problems = []
     if num_classes is not None and high >= num_classes:
         problems.append(
@@ -72,7 +77,23 @@ def statistics_problems(statistics, split, label_feature, check_classes, num_cla
             f"split '{split}' holds a single class: every '{label_feature}' is "
             f"{low:g}; a classifier needs examples of at least two classes"
         )
+    elif check_classes and classes and num_classes is not None:
+        missing = sorted(set(range(num_classes)) - classes)
+        if missing:
+            problems.append(
+                f"split '{split}' has no examples of '{label_feature}' "
+                f"{', '.join(map(str, missing))}: the model would never learn "
+                f"{'that class' if len(missing) == 1 else 'those classes'}"
+            )
     return problems
+
+
+def _classes(label):
+    """The set of labels a categorical label's statistics count, or None for numeric ones
+    (a schema without `is_categorical` gives only their minimum and maximum)."""
+    if label.WhichOneof("stats") != "string_stats":
+        return None
+    return {int(bucket.label) for bucket in label.string_stats.rank_histogram.buckets}
 
 
 def _feature_statistics(statistics, name):

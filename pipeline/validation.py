@@ -67,6 +67,17 @@ class CuratedSchemaGen(ImportSchemaGen):
         base_component.BaseComponent.__init__(self, spec=spec)
 
 
+def _categorical_features(schema_file):
+    """The schema of `schema_file` with its categorical features alone, for StatisticsGen: it
+    counts their values (the examples of every class) and describes the other features as
+    without a schema (the image bytes as strings, whose distinct values it counts)."""
+    schema = text_format.Parse(Path(schema_file).read_text(), schema_pb2.Schema())
+    categorical = [feature for feature in schema.feature if feature.int_domain.is_categorical]
+    del schema.feature[:]
+    schema.feature.extend(categorical)
+    return schema
+
+
 @dataclasses.dataclass(frozen=True)
 class ValidationNodes:
     """The validation components, in pipeline order."""
@@ -93,7 +104,10 @@ def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False, num_
     statistics_gen = StatisticsGen(
         examples=examples,
         # Semantic-domain stats describe the `image` bytes as images (formats, image domain).
-        stats_options=tfdv.StatsOptions(enable_semantic_domain_stats=True),
+        stats_options=tfdv.StatsOptions(
+            enable_semantic_domain_stats=True,
+            schema=None if infer_schema else _categorical_features(schema_file),
+        ),
     )
     if infer_schema:
         schema_gen = SchemaGen(statistics=statistics_gen.outputs["statistics"])

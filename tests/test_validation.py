@@ -115,6 +115,17 @@ def test_a_train_split_of_a_single_class_stops_the_pipeline(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_train_split_without_a_class_stops_the_pipeline(tmp_path):
+    labels = {"train": [label for label in range(10) if label != 4] * 2, "eval": list(range(10))}
+    with pytest.raises(DataValidationError) as raised:
+        validation_pipeline(tmp_path, labels)
+    assert "split 'train' has no examples of 'label' 4: the model would never learn" in str(
+        raised.value
+    )
+    assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
 def test_labels_the_model_has_no_output_for_stop_the_pipeline(tmp_path):
     labels = {"train": list(range(10)), "eval": list(range(5))}
     with pytest.raises(DataValidationError) as raised:
@@ -207,11 +218,41 @@ def test_statistics_problems_find_empty_splits_and_single_class_train_splits():
     assert len(statistics_problems(label_statistics(5, 3, 3), "train", "label", True, 3)) == 2
 
 
+def class_statistics(num_examples, counts):
+    """A split's statistics with a categorical label: {label: count}, as TFDV counts them."""
+    buckets = "".join(
+        f'buckets {{ label: "{label}" sample_count: {count} }}' for label, count in counts.items()
+    )
+    return text_format.Parse(
+        f"""
+        num_examples: {num_examples}
+        features {{ path {{ step: "label" }} type: INT
+                   string_stats {{ unique: {len(counts)} rank_histogram {{ {buckets} }} }} }}
+        """,
+        statistics_pb2.DatasetFeatureStatistics(),
+    )
+
+
+def test_statistics_problems_find_classes_missing_from_the_train_split():
+    every = class_statistics(50, {label: 5 for label in range(10)})
+    assert statistics_problems(every, "train", "label", True, 10) == []
+    without = class_statistics(40, {label: 5 for label in range(10) if label not in (3, 7)})
+    assert statistics_problems(without, "train", "label", True, 10) == [
+        "split 'train' has no examples of 'label' 3, 7: the model would never learn those classes"
+    ]
+    assert statistics_problems(without, "eval", "label", False, 10) == []  # eval may lack some
+    [past] = statistics_problems(class_statistics(9, {2: 4, 12: 5}), "eval", "label", False, 10)
+    assert past.startswith("split 'eval' has 'label' 12, but the model has 10 classes")
+    [single] = statistics_problems(class_statistics(9, {6: 9}), "train", "label", True, 10)
+    assert single.startswith("split 'train' holds a single class: every 'label' is 6;")
+
+
 def test_the_curated_schema_states_the_data_contract():
     schema = text_format.Parse(SCHEMA_FILE.read_text(), schema_pb2.Schema())
     features = {feature.name: feature for feature in schema.feature}
     assert set(features) == {"image", "label", "variant", "distortion"}
     assert (features["label"].int_domain.min, features["label"].int_domain.max) == (0, 9)
+    assert features["label"].int_domain.is_categorical  # so the statistics count every class
     assert features["image"].HasField("image_domain")
     assert set(features["variant"].string_domain.value) == {"r", "rts", "p", "e", "unknown"}
     for feature in features.values():
