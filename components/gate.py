@@ -5,8 +5,9 @@
 or the statistics show what TFDV's schema cannot express: a split without examples, a label
 the model has no output for (at or above `num_classes`), or a train split whose labels are all
 one class or lack one of the model's classes (with the curated schema, whose categorical label
-makes the statistics count every class). The pipeline makes the trainer depend on the gate
-(`trainer.add_upstream_node(gate)`), so nothing downstream runs after a failure.
+makes the statistics count every class), or a split whose images are all the same. The
+pipeline makes the trainer depend on the gate (`trainer.add_upstream_node(gate)`), so nothing
+downstream runs after a failure.
 """
 
 import os
@@ -19,6 +20,8 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.io import fileio
 from tfx.types import artifact_utils
 from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics
+
+IMAGE_FEATURE = "image"  # the data contract's encoded image
 
 
 class DataValidationError(RuntimeError):
@@ -48,15 +51,34 @@ def _describe(where, info):
 def statistics_problems(statistics, split, label_feature, check_classes, num_classes=None):
     """Problems the schema cannot express, from one split's `DatasetFeatureStatistics`.
 
-    Labels must be below `num_classes`, the model's outputs (None: not checked); with
-    `check_classes` the split must hold at least two classes, and every one below
-    `num_classes` when the statistics count them.
+    Its images must not all be one; labels must be below `num_classes`, the model's outputs
+    (None: not checked); with `check_classes` the split must hold at least two classes, and
+    every one below `num_classes` when the statistics count them.
     """
     if statistics.num_examples == 0:
         # An empty split folder stops ImageExampleGen; here every input was skipped as bad.
         return [
             f"split '{split}' holds no examples (were all its inputs skipped as bad, or empty?)"
         ]
+    return _image_problems(statistics, split) + _label_problems(
+        statistics, split, label_feature, check_classes, num_classes
+    )
+
+
+def _image_problems(statistics, split):
+    """A problem when every example of a split holds the same image bytes (a broken export:
+    every image black, or one file copied), which TFDV's count of distinct values shows."""
+    image = _feature_statistics(statistics, IMAGE_FEATURE)
+    if image is None or statistics.num_examples < 2 or image.string_stats.unique != 1:
+        return []
+    return [
+        f"split '{split}' holds one image {statistics.num_examples:,} times: every "
+        f"'{IMAGE_FEATURE}' is the same (all black, or one file copied?)"
+    ]
+
+
+def _label_problems(statistics, split, label_feature, check_classes, num_classes):
+    """The label checks of `statistics_problems`."""
     if not check_classes and num_classes is None:
         return []
     label = _feature_statistics(statistics, label_feature)

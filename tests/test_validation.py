@@ -4,8 +4,10 @@ Real components under LocalDagRunner; a `Downstream` sentinel after the gate sho
 anything downstream ran.
 """
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
+from PIL import Image
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 from test_image_example_gen import (
     CACHED,
@@ -123,6 +125,23 @@ def test_a_train_split_without_a_class_stops_the_pipeline(tmp_path):
         raised.value
     )
     assert "Downstream" not in node_states(metadata_config(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_split_of_one_image_repeated_stops_the_pipeline(tmp_path):
+    span = write_test_span(tmp_path / "data", labels=CLEAN_LABELS)
+    black = span / "black.png"
+    Image.fromarray(np.zeros((42, 42), np.uint8)).save(black)
+    for path in (span / "eval").glob("*/*.png"):
+        path.write_bytes(black.read_bytes())
+    black.unlink()
+    example_gen = ImageExampleGen(input_base=str(tmp_path / "data"))
+    nodes = build_validation(example_gen.outputs["examples"])
+    with pytest.raises(DataValidationError) as raised:
+        run_pipeline(tmp_path, [example_gen, *nodes.components()])
+    message = str(raised.value)
+    assert "split 'eval' holds one image 100 times: every 'image' is the same" in message
+    assert "split 'train'" not in message
 
 
 @pytest.mark.slow
@@ -245,6 +264,22 @@ def test_statistics_problems_find_classes_missing_from_the_train_split():
     assert past.startswith("split 'eval' has 'label' 12, but the model has 10 classes")
     [single] = statistics_problems(class_statistics(9, {6: 9}), "train", "label", True, 10)
     assert single.startswith("split 'train' holds a single class: every 'label' is 6;")
+
+
+def test_statistics_problems_find_a_split_of_one_image_repeated():
+    statistics = class_statistics(30, {label: 3 for label in range(10)})
+    image = statistics.features.add(type=statistics_pb2.FeatureNameStatistics.STRING)
+    image.path.step.append("image")
+    image.string_stats.unique = 1
+    assert statistics_problems(statistics, "eval", "label", False, 10) == [
+        "split 'eval' holds one image 30 times: every 'image' is the same (all black, or one "
+        "file copied?)"
+    ]
+    image.string_stats.unique = 2
+    assert statistics_problems(statistics, "eval", "label", False, 10) == []
+    statistics.num_examples = 1  # one example is one image
+    image.string_stats.unique = 1
+    assert statistics_problems(statistics, "eval", "label", False, 10) == []
 
 
 def test_the_curated_schema_states_the_data_contract():
