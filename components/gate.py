@@ -5,13 +5,16 @@
 or the statistics show what TFDV's schema cannot express: a split without examples, a label
 the model has no output for (at or above `num_classes`), or a train split whose labels are all
 one class or lack one of the model's classes (with the curated schema, whose categorical label
-makes the statistics count every class), or a split whose images are all the same. The
-pipeline makes the trainer depend on the gate (`trainer.add_upstream_node(gate)`), so nothing
-downstream runs after a failure.
+makes the statistics count every class), or a split whose images are all the same; and, from
+the examples, an eval image that is also a train image (leakage). The pipeline makes the
+trainer depend on the gate (`trainer.add_upstream_node(gate)`), so nothing downstream runs
+after a failure.
 """
 
+import hashlib
 import os
 
+import tensorflow as tf
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.components.example_validator.executor import DEFAULT_FILE_NAME as ANOMALIES_FILE
 from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
@@ -19,7 +22,7 @@ from tfx.dsl.component.experimental.annotations import InputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.io import fileio
 from tfx.types import artifact_utils
-from tfx.types.standard_artifacts import ExampleAnomalies, ExampleStatistics
+from tfx.types.standard_artifacts import ExampleAnomalies, Examples, ExampleStatistics
 
 IMAGE_FEATURE = "image"  # the data contract's encoded image
 
@@ -126,11 +129,46 @@ def _feature_statistics(statistics, name):
     return None
 
 
-def gate_problems(
-    anomalies, statistics, label_feature="label", train_split="train", num_classes=None
-):
-    """Every problem the gate reports, given the two artifacts."""
+def leak_problems(examples, train_split="train"):
+    """One problem per split that holds images the train split holds too, byte for byte (the
+    model is evaluated on images it trained on, so its accuracy is overstated)."""
+    splits = artifact_utils.decode_split_names(examples.split_names)
+    if train_split not in splits:
+        return []
+    trained = set(_image_digests(examples, train_split))
     problems = []
+    for split in splits:
+        if split == train_split:
+            continue
+        shared = sum(digest in trained for digest in _image_digests(examples, split))
+        if shared:
+            problems.append(
+                f"split '{split}' holds {shared:,} image(s) that split '{train_split}' holds "
+                "too (identical files): its accuracy would count images the model trained on"
+            )
+    return problems
+
+
+def _image_digests(examples, split):
+    """The SHA-256 of every example's image in one split of an Examples artifact."""
+    folder = artifact_utils.get_split_uri([examples], split)
+    files = fileio.glob(os.path.join(folder, "*.gz"))
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator():
+        values = tf.train.Example.FromString(record).features.feature[IMAGE_FEATURE].bytes_list
+        yield hashlib.sha256(b"".join(values.value)).digest()
+
+
+def gate_problems(
+    anomalies,
+    statistics,
+    label_feature="label",
+    train_split="train",
+    num_classes=None,
+    examples=None,
+):
+    """Every problem the gate reports, given the artifacts (`examples`: None, not checked for
+    images shared between splits)."""
+    problems = [] if examples is None else leak_problems(examples, train_split)
     for split in artifact_utils.decode_split_names(statistics.split_names):
         datasets = load_statistics(statistics, split).proto().datasets
         split_stats = datasets[0] if datasets else statistics_pb2.DatasetFeatureStatistics()
@@ -152,12 +190,15 @@ def gate_problems(
 def AnomalyGate(
     anomalies: InputArtifact[ExampleAnomalies],
     statistics: InputArtifact[ExampleStatistics],
+    examples: InputArtifact[Examples],
     label_feature: Parameter[str] = "label",
     train_split: Parameter[str] = "train",
     num_classes: Parameter[int] = 10,
 ):
     """Raises DataValidationError listing every problem when the data failed validation."""
-    problems = gate_problems(anomalies, statistics, label_feature, train_split, num_classes)
+    problems = gate_problems(
+        anomalies, statistics, label_feature, train_split, num_classes, examples
+    )
     if problems:
         raise DataValidationError(
             f"The data failed validation ({len(problems)} problem(s)); nothing downstream runs:\n"

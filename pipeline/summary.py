@@ -186,7 +186,7 @@ def run_report(config, run_id=None):
     examples = _examples(nodes)
     return RunReport(
         spans=_spans(examples, nodes),
-        anomalies=_anomalies(nodes, _num_classes(nodes, config)),
+        anomalies=_anomalies(nodes, _num_classes(nodes, config), examples),
         metrics=_metrics(nodes),
         blessed=_blessed(nodes),
         why=_why(nodes),
@@ -254,9 +254,9 @@ def _num_classes(nodes, config):
     return gate.properties.get("num_classes", config.num_classes) if gate else config.num_classes
 
 
-def _anomalies(nodes, num_classes):
-    """The gate's problems: ExampleValidator's anomalies and what the statistics show; None
-    when the data was not validated."""
+def _anomalies(nodes, num_classes, examples=None):
+    """The gate's problems: ExampleValidator's anomalies, what the statistics show and images
+    `examples` holds in two splits; None when the data was not validated."""
     from tfx.types import standard_artifacts
 
     from components.gate import gate_problems
@@ -268,7 +268,7 @@ def _anomalies(nodes, num_classes):
     artifacts = standard_artifacts.ExampleAnomalies(), standard_artifacts.ExampleStatistics()
     for artifact, mlmd_artifact in zip(artifacts, (anomalies, statistics), strict=True):
         artifact.set_mlmd_artifact(mlmd_artifact)
-    return gate_problems(*artifacts, num_classes=num_classes)
+    return gate_problems(*artifacts, num_classes=num_classes, examples=examples)
 
 
 def _slice_name(slice_key):

@@ -119,6 +119,7 @@ def build_validation(examples, schema_file=SCHEMA_FILE, infer_schema=False, num_
     gate = AnomalyGate(
         anomalies=example_validator.outputs["anomalies"],
         statistics=statistics_gen.outputs["statistics"],
+        examples=examples,
         num_classes=num_classes,
     )
     return ValidationNodes(statistics_gen, schema_gen, example_validator, gate)

@@ -6,6 +6,7 @@ anything downstream ran.
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from google.protobuf import text_format
 from PIL import Image
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
@@ -20,9 +21,14 @@ from test_image_example_gen import (
 )
 from tfx.components import SchemaGen
 from tfx.components.statistics_gen.stats_artifact_utils import load_statistics
-from tfx.types import standard_artifacts
+from tfx.types import artifact_utils, standard_artifacts
 
-from components.gate import DataValidationError, anomaly_problems, statistics_problems
+from components.gate import (
+    DataValidationError,
+    anomaly_problems,
+    leak_problems,
+    statistics_problems,
+)
 from components.image_example_gen import ImageExampleGen
 from pipeline import summary
 from pipeline.configs import PipelineConfig
@@ -142,6 +148,22 @@ def test_a_split_of_one_image_repeated_stops_the_pipeline(tmp_path):
     message = str(raised.value)
     assert "split 'eval' holds one image 100 times: every 'image' is the same" in message
     assert "split 'train'" not in message
+
+
+@pytest.mark.slow
+def test_eval_images_that_are_train_images_stop_the_pipeline(tmp_path):
+    span = write_test_span(tmp_path / "data", labels=CLEAN_LABELS)
+    for index in range(3):  # three eval images replaced by copies of train images
+        train_image = next((span / "train" / str(index)).glob("*.png"))
+        eval_image = next((span / "eval" / str(index)).glob("*.png"))
+        eval_image.write_bytes(train_image.read_bytes())
+    example_gen = ImageExampleGen(input_base=str(tmp_path / "data"))
+    nodes = build_validation(example_gen.outputs["examples"])
+    with pytest.raises(DataValidationError) as raised:
+        run_pipeline(tmp_path, [example_gen, *nodes.components()])
+    assert "split 'eval' holds 3 image(s) that split 'train' holds too" in str(raised.value)
+    config = PipelineConfig(home=str(tmp_path), pipeline_name="test")
+    assert "split 'eval' holds 3 image(s)" in summary.format_report(summary.run_report(config))
 
 
 @pytest.mark.slow
@@ -280,6 +302,33 @@ def test_statistics_problems_find_a_split_of_one_image_repeated():
     statistics.num_examples = 1  # one example is one image
     image.string_stats.unique = 1
     assert statistics_problems(statistics, "eval", "label", False, 10) == []
+
+
+def examples_artifact_of(folder, images):
+    """An Examples artifact at `folder` whose splits hold examples of `images`:
+    {split: [image bytes]}."""
+    for split, split_images in images.items():
+        (folder / f"Split-{split}").mkdir(parents=True)
+        path = str(folder / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for image in split_images:
+                feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))
+                example = tf.train.Example(features=tf.train.Features(feature={"image": feature}))
+                writer.write(example.SerializeToString())
+    examples = standard_artifacts.Examples()
+    examples.uri = str(folder)
+    examples.split_names = artifact_utils.encode_split_names(list(images))
+    return examples
+
+
+def test_leak_problems_count_the_eval_images_the_train_split_holds(tmp_path):
+    images = {"train": [b"a", b"b", b"c"], "eval": [b"b", b"d", b"b", b"a"]}
+    assert leak_problems(examples_artifact_of(tmp_path / "leak", images)) == [
+        "split 'eval' holds 3 image(s) that split 'train' holds too (identical files): its "
+        "accuracy would count images the model trained on"
+    ]
+    apart = {"train": [b"a", b"a"], "eval": [b"b", b"c"]}
+    assert leak_problems(examples_artifact_of(tmp_path / "apart", apart)) == []
 
 
 def test_the_curated_schema_states_the_data_contract():
