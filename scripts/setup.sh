@@ -17,15 +17,20 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # The stamp covers the checkout's path too: the venv's scripts and editable install hold it.
 stamp=.venv/.installed
 want=$( (pwd -P; cat pyproject.toml constraints.txt) | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# A usable .venv runs Python 3.11 and has pip; made again otherwise: one whose creation was cut
+# short (Ctrl-C in its first seconds) has no pip, one made by another Python cannot install the
+# stack (pip ignores Requires-Python here), one whose interpreter was removed cannot run.
+venv_usable() {
+  .venv/bin/python -c 'import sys, pip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null
+}
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! venv_usable; then
   # The environment takes 3.7 GB (TensorFlow, TFX, Beam); pip needs room for the wheels too.
   free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
   if [ "$free_mb" -lt 5000 ]; then
     echo "setup: .venv needs about 5,000 MB of free disk, $(pwd) has $free_mb MB" >&2
     exit 1
   fi
-  # A .venv whose creation was cut short (Ctrl-C in its first seconds) has a python but no pip.
-  .venv/bin/python -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv --clear .venv
+  venv_usable || "$PYTHON" -m venv --clear .venv
   echo "setup: installing into .venv from constraints.txt (a few minutes the first time)" >&2
   .venv/bin/python -m pip install --quiet --upgrade "pip<26" setuptools wheel -c constraints.txt 2>/dev/null \
     || .venv/bin/python -m pip install --quiet --upgrade "pip<26"

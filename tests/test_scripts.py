@@ -90,3 +90,24 @@ def test_a_venv_cut_short_before_pip_is_made_again(checkout):
     executable(checkout / ".venv" / "bin" / "python", "#!/bin/sh\nexit 1\n")
     returncode, installs = run_setup(checkout)
     assert returncode == 0 and installs
+
+
+def test_a_venv_of_another_python_is_made_again(checkout):
+    """A .venv made by Python 3.12 has pip, but the pinned stack has no 3.12 wheels."""
+    executable(
+        checkout / ".venv" / "bin" / "python",
+        f'#!/bin/sh\n[ "$1" = -c ] || exit 0\n'
+        f'exec "{sys.executable}" -c "import sys; sys.version_info = (3, 12, 1); $2"\n',
+    )
+    returncode, installs = run_setup(checkout)
+    assert returncode == 0 and installs
+
+
+def test_an_installed_venv_whose_interpreter_is_gone_is_made_again(checkout):
+    """A stamped .venv whose base Python was removed (a pyenv uninstall) cannot run at all."""
+    assert run_setup(checkout)[0] == 0
+    venv_python = checkout / ".venv" / "bin" / "python"
+    venv_python.unlink()
+    venv_python.symlink_to(checkout.parent / "removed" / "python3.11")
+    returncode, installs = run_setup(checkout)
+    assert returncode == 0 and installs
