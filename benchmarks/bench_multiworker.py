@@ -5,13 +5,15 @@ executor (`components.multiworker_trainer`, local backend: worker processes talk
 loopback) at the same global batch, on synthetic 42x42 PNG examples. Every configuration runs
 twice, for a short and a long number of steps, each in a fresh process; the throughput is
 (extra steps x global batch) / (extra seconds), so process start-up, graph building and
-export cancel out. "x" is this row's throughput over the 1-worker row's. CPU s counts all
-processes of the long run; peak RSS is that of its largest process (a worker).
+export cancel out; the extra steps must take at least a quarter of the short run's time, or
+start-up jitter (half a second here) would swamp them. "x" is this row's throughput over the
+1-worker row's. CPU s counts all processes of the long run; peak RSS is that of its largest
+process (a worker).
 
 On a machine with 2 cores, 2 workers cannot be faster than 1: both share the same cores and
 add gRPC all-reduce traffic. The numbers show the cost of distribution, not a speed-up.
 
-    .venv/bin/python benchmarks/bench_multiworker.py [--steps 8 32] [--global-batch 64]
+    .venv/bin/python benchmarks/bench_multiworker.py [--steps 8 160] [--global-batch 64]
 """
 
 import argparse
@@ -30,6 +32,7 @@ import components  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loa
 
 TRAIN_EXAMPLES = 2048
 IMAGE_SIZE = 42
+MIN_EXTRA_SHARE = 0.25  # of the short run's seconds that the extra steps must take at least
 
 
 def write_examples(root: Path, count: int) -> None:
@@ -103,9 +106,22 @@ def run_in_fresh_process(examples_root, workers, steps, global_batch):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def extra_seconds(workers, short, long, first, second):
+    """Seconds the long run took more than the short one; exits when they are too few to
+    measure (start-up jitter would swamp them)."""
+    extra = second["seconds"] - first["seconds"]
+    if extra < MIN_EXTRA_SHARE * first["seconds"]:
+        sys.exit(
+            f"{workers} worker(s): {long} steps took {second['seconds']:.1f} s, {short} steps "
+            f"{first['seconds']:.1f} s: the extra steps took too little time to measure over "
+            "start-up noise; give --steps a larger LONG"
+        )
+    return extra
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs=2, default=[8, 32], metavar=("SHORT", "LONG"))
+    parser.add_argument("--steps", type=int, nargs=2, default=[8, 160], metavar=("SHORT", "LONG"))
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,13 +138,8 @@ def main():
         for workers in (1, 2):
             first = run_in_fresh_process(data, workers, short, args.global_batch)
             second = run_in_fresh_process(data, workers, long, args.global_batch)
-            if second["seconds"] <= first["seconds"]:
-                sys.exit(
-                    f"{workers} worker(s): {long} steps took {second['seconds']:.1f} s, not more "
-                    f"than {short} steps ({first['seconds']:.1f} s): start-up noise swamps the "
-                    "extra steps; give --steps a larger LONG"
-                )
-            rate = (long - short) * args.global_batch / (second["seconds"] - first["seconds"])
+            extra = extra_seconds(workers, short, long, first, second)
+            rate = (long - short) * args.global_batch / extra
             baseline = baseline or rate
             rows.append([workers, args.global_batch, first["seconds"], second["seconds"], rate,
                          rate / baseline, second["cpu_s"], second["peak_rss_mib"]])  # fmt: skip
