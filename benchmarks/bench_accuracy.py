@@ -41,7 +41,7 @@ within 15 degrees of upright (of the first 2,000), and the slope of grid rotatio
 true angle.
 
     .venv/bin/python benchmarks/bench_accuracy.py --jobs 2            # everything (long, below)
-    .venv/bin/python benchmarks/bench_accuracy.py --small             # smoke test, 2 minutes
+    .venv/bin/python benchmarks/bench_accuracy.py --small             # smoke test, in /tmp
     .venv/bin/python benchmarks/bench_accuracy.py --variants rts --models cnn st_cnn_affine
     .venv/bin/python benchmarks/bench_accuracy.py --redraw --epochs 15 --rotation-warmup 6 \
         --models cnn st_cnn_affine st_cnn_tps --jobs 2               # the longer recipe
@@ -77,6 +77,7 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -91,6 +92,7 @@ from stn_model.models import CNN_MIN_SIZE, MODEL_NAMES
 import tf_keras as keras
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 VARIANTS = ("r", "rts", "p", "e")
 TABLE_MODELS = tuple(m for m in MODEL_NAMES if m != "st_cnn_similarity")  # the full run's six
 MODELS = (*TABLE_MODELS, "st_cnn_similarity")
@@ -233,7 +235,9 @@ def parse_args(argv=None):
         "one process runs (--jobs 2 --variants r: one thread, so that two such runs, e.g. two "
         "seeds, can share 2 cores)",
     )
-    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+    parser.add_argument(
+        "--out", help="folder for the results (default: benchmarks/results; --small: a new one)"
+    )
     args = parser.parse_args(argv)
     preset = SMALL if args.small else FULL
     for name in ("epochs", "copies", "per_class", "models", "variants"):
@@ -730,8 +734,17 @@ def in_table_order(results, args):
     return {key: results[key] for key in keys if key in results}
 
 
+def output_folder(args):
+    """--out; by default benchmarks/results, or for --small a new temporary folder, so that a
+    smoke run does not replace the full results kept there."""
+    if args.out:
+        return args.out
+    return tempfile.mkdtemp(prefix="bench-accuracy-small-") if args.small else RESULTS_DIR
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.out = output_folder(args)
     os.makedirs(args.out, exist_ok=True)
     command = "benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run_all(args, command)

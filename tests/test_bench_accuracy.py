@@ -29,6 +29,17 @@ def test_small_preset_and_overrides():
     assert not full.full_resolution_localization
 
 
+def test_a_small_run_does_not_overwrite_the_kept_results(tmp_path):
+    """The smoke run's table would replace benchmarks/results/accuracy.md, the full one."""
+    small = bench_accuracy.output_folder(bench_accuracy.parse_args(["--small"]))
+    assert small != bench_accuracy.RESULTS_DIR and os.listdir(small) == []
+    os.rmdir(small)
+    full = bench_accuracy.parse_args(["--variants", "rts"])
+    assert bench_accuracy.output_folder(full) == bench_accuracy.RESULTS_DIR
+    chosen = bench_accuracy.parse_args(["--small", "--out", str(tmp_path)])
+    assert bench_accuracy.output_folder(chosen) == str(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("option", "name", "features", "iterations", "side"),
     [
