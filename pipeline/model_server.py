@@ -164,12 +164,14 @@ class _Handler(BaseHTTPRequestHandler):
         first byte: a timeout per read alone lets a client trickle a byte at a time forever."""
         try:
             self.rfile.peek(1)  # a kept-alive connection waits up to `timeout` s for a request
-        except TimeoutError:
+        except (TimeoutError, ConnectionError):  # idle too long, or reset between requests
             self.close_connection = True
             return
         self._reader.deadline = time.monotonic() + self.timeout
         try:
             super().handle_one_request()
+        except ConnectionError:  # reset while its request line or headers were read
+            self._client_left()
         finally:
             self._stop_deadline()
 

@@ -302,6 +302,28 @@ def test_a_client_that_leaves_mid_body_is_a_log_line_not_a_traceback(
     assert predict_classes(served_first, pngs[:1]).shape == (1,)
 
 
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_client_that_resets_mid_headers_or_between_requests_is_no_traceback(
+    served_first, pngs, monkeypatch, caplog, answered
+):
+    unhandled = []
+    monkeypatch.setattr(served_first, "handle_error", lambda *args: unhandled.append(args))
+    host, port = served_first.server_address[:2]
+    with caplog.at_level(logging.DEBUG, logger="pipeline.model_server"):
+        connection = socket.create_connection((host, port))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.sendall(b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\n")
+        if answered:  # the request ends and is answered; the kept-alive connection idles
+            connection.sendall(b"\r\n")
+            wait_until(lambda: '" 200 ' in caplog.text, "the answer")
+        time.sleep(0.2)  # the server waits for more of the request (or the next one)
+        connection.close()  # a TCP reset
+        time.sleep(0.5)  # for the server to read it
+    assert unhandled == []
+    assert all(record.levelno < logging.WARNING for record in caplog.records), caplog.text
+    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+
+
 def test_oversized_request_is_refused_before_its_body_is_sent(served_first, pngs):
     # The server must answer 413 on the header alone and close: the body never comes.
     answer = raw_exchange(
