@@ -170,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reader.deadline = time.monotonic() + self.timeout
         try:
             super().handle_one_request()
-        except ConnectionError:  # reset while its request line or headers were read
+        except ConnectionError:  # reset while its request was read or answered
             self._client_left()
         finally:
             self._stop_deadline()
@@ -219,12 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        try:
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except ConnectionError:
-            self._client_left()
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _client_left(self):
         """A client that closed its connection before its answer: a line, not a traceback."""
