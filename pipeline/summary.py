@@ -255,8 +255,9 @@ def _num_classes(nodes, config):
 
 
 def _anomalies(nodes, num_classes, examples=None):
-    """The gate's problems: ExampleValidator's anomalies, what the statistics show and images
-    `examples` holds in two splits; None when the data was not validated."""
+    """The gate's problems: ExampleValidator's anomalies, what the statistics show and, when
+    the gate failed, images `examples` holds in two splits (read only then: a passed gate found
+    none); None when the data was not validated."""
     from tfx.types import standard_artifacts
 
     from components.gate import gate_problems
@@ -268,6 +269,9 @@ def _anomalies(nodes, num_classes, examples=None):
     artifacts = standard_artifacts.ExampleAnomalies(), standard_artifacts.ExampleStatistics()
     for artifact, mlmd_artifact in zip(artifacts, (anomalies, statistics), strict=True):
         artifact.set_mlmd_artifact(mlmd_artifact)
+    gate = nodes.get("AnomalyGate")
+    if gate is None or gate.state != "FAILED":
+        examples = None
     return gate_problems(*artifacts, num_classes=num_classes, examples=examples)
 
 
