@@ -4,8 +4,8 @@
     config.data_dir, config.pipeline_root, config.metadata_path, config.serving_dir
 
 Every field has a default, so ``load_config()`` alone gives the default run. A YAML file holds
-a mapping of field names to values; an unknown name or a value of the wrong type is a
-ValueError that names the file and the field.
+a mapping of field names to values; an unknown name, a name given twice or a value of the
+wrong type is a ValueError that names the file and the field.
 """
 
 import dataclasses
@@ -363,11 +363,32 @@ def _fails_with(message, values):
     return False
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently); a key that a merge (`<<: *anchor`) brings in may still be set."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found key {key!r} twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_config_file(path):
     """The mapping of field names to values in the YAML file at `path`."""
     try:
         with open(path) as handle:
-            loaded = yaml.safe_load(handle)
+            loaded = yaml.load(handle, Loader=_ConfigLoader)  # a SafeLoader
     except OSError as error:
         raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
     except UnicodeDecodeError as error:

@@ -63,6 +63,15 @@ def test_a_key_that_is_no_string_is_an_unknown_field(tmp_path):
         load_yaml(tmp_path, "1: 2\nx: 3\n")
 
 
+def test_a_key_given_twice_is_refused_not_the_last_one_taken(tmp_path):
+    for text in ("epochs: 8\nepochs: 1\n", "multiworker: {num_workers: 2, num_workers: 3}\n"):
+        with pytest.raises(ValueError, match=r"not valid YAML(.|\n)*found key '\w+' twice"):
+            load_yaml(tmp_path, text)
+    # A merge brings in keys that the mapping may set again.
+    text = "multiworker:\n  <<: {num_workers: 2, max_restarts: 0}\n  num_workers: 3\n"
+    assert load_yaml(tmp_path, text).multiworker == {"num_workers": 3, "max_restarts": 0}
+
+
 REFUSED_MODEL_NAMES = ["..", ".", ".hidden", "a/b", "a\\b", "stn:predict", "a b", "stn?x=1", "é"]
 
 
