@@ -365,7 +365,8 @@ def _fails_with(message, values):
 
 class _ConfigLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the
-    last one silently); a key that a merge (`<<: *anchor`) brings in may still be set."""
+    last one silently); a key that a merge (`<<: *anchor`) brings in may still be set. It reads
+    numbers such as 1e-3 and 1.0e3 as YAML 1.2 does, as floats (PyYAML's YAML 1.1: strings)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -382,6 +383,13 @@ class _ConfigLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _read_config_file(path):

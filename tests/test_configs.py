@@ -35,6 +35,15 @@ def test_numbers_must_be_finite(tmp_path, name, value):
         load_yaml(tmp_path, f"{name}: {value}\n")
 
 
+@pytest.mark.parametrize(
+    ("text", "value"), [("1e-3", 1e-3), ("1.0e-3", 1e-3), ("+2.5E+2", 250.0), (".5e-2", 5e-3)]
+)
+def test_numbers_in_e_notation_are_numbers(tmp_path, text, value):
+    assert load_yaml(tmp_path, f"learning_rate: {text}\nepochs: 2\n").learning_rate == value
+    with pytest.raises(ValueError, match="'learning_rate' must be a finite number, got inf"):
+        load_yaml(tmp_path, "learning_rate: 1e400\n")
+
+
 def test_a_seed_tensorflow_refuses_is_refused_before_the_trainer_would(tmp_path):
     import tf_keras as keras
 
