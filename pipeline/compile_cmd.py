@@ -82,12 +82,25 @@ def compile_from_args(args, output_path):
     )
     check_directory(os.path.dirname(os.path.abspath(output_path)), "the package's folder")
     if target == "vertex":
+        _check_cluster_paths(config)
         kubeflow_runner.compile_for_kubeflow(
             config, output_path, config.container_image, config.kubeflow_pipeline_root
         )
     else:
         kubeflow_watch.compile_watch_package(config, output_path, config.container_image)
     return config
+
+
+def _check_cluster_paths(config):
+    """Raise ValueError unless the home, data root and pipeline root are absolute paths or URIs:
+    a relative one would be made absolute on this machine, a folder the pods do not have."""
+    for name in ("home", "data_root", "kubeflow_pipeline_root"):
+        path = getattr(config, name)
+        if path is not None and "://" not in path and not os.path.isabs(path):
+            raise ValueError(
+                f"config field {name!r} must be an absolute path or a URI (gs://...) as the "
+                f"pipeline's pods see it; got {path!r}"
+            )
 
 
 def run(args):

@@ -390,6 +390,23 @@ def test_the_config_files_home_is_kept_and_home_overrides_it(tmp_path):
     assert _constant(path, "ImageExampleGen", "input_base") == "/srv/stn/data"
 
 
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--home", "home"),
+        ("--data-root", "data_root"),
+        ("--pipeline-root", "kubeflow_pipeline_root"),
+    ],
+)
+def test_the_vertex_target_refuses_a_relative_path(tmp_path, monkeypatch, capsys, flag, field):
+    # A relative path would be made absolute here: a folder of this machine, not of the pods.
+    monkeypatch.chdir(tmp_path)
+    argv = ["compile", "--kubeflow", "stn.yaml", "--target", "vertex", flag, "stn"]
+    assert cli.main(argv) == 2
+    assert f"config field {field!r} must be an absolute path or a URI" in capsys.readouterr().err
+    assert not (tmp_path / "stn.yaml").exists()
+
+
 def test_a_span_window_compiles_into_the_example_gen_without_a_resolver(tmp_path, package):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("span_window: 3\n")
