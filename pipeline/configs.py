@@ -39,6 +39,16 @@ _TRANSFORMER_OPTIONS = {
     "full_resolution_localization": (False, ST_CNN_MODELS),
     "localization_hidden_units": (None, ST_CNN_MODELS),
 }
+# Strings that may be null (a default) but not empty: an empty path would not be the default.
+_NOT_EMPTY = (
+    "pipeline_name",
+    "model_name",
+    "home",
+    "container_image",
+    "data_root",
+    "warm_start_model",
+    "kubeflow_pipeline_root",
+)
 # A model name is a directory under serving/ and a segment of the URL /v1/models/<name>.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
@@ -196,8 +206,8 @@ class PipelineConfig:
             raise ValueError(
                 f"config field 'direct_num_workers' must be >= 0, got {self.direct_num_workers}"
             )
-        for name in ("pipeline_name", "model_name", "home", "container_image"):
-            if not getattr(self, name):
+        for name in _NOT_EMPTY:
+            if getattr(self, name) == "":
                 raise ValueError(f"config field {name!r} must not be empty")
         check_model_name(self.model_name, "config field 'model_name'")
         try:

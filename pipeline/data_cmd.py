@@ -55,7 +55,10 @@ def register(subparsers):
 
 
 def _local_folder(text):
-    """--out as a Path; a URI is refused, as the span is written with local file calls."""
+    """--out as a Path; a URI is refused, as the span is written with local file calls, and
+    an empty one, which would be the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder")
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URI; write the span to a local folder and copy it there"

@@ -81,6 +81,13 @@ def test_a_key_given_twice_is_refused_not_the_last_one_taken(tmp_path):
     assert load_yaml(tmp_path, text).multiworker == {"num_workers": 3, "max_restarts": 0}
 
 
+@pytest.mark.parametrize("name", ["data_root", "warm_start_model", "kubeflow_pipeline_root"])
+def test_an_empty_path_is_refused_not_taken_for_the_default(tmp_path, name):
+    with pytest.raises(ValueError, match=f"config field {name!r} must not be empty"):
+        load_yaml(tmp_path, f"{name}: ''\n")
+    assert getattr(load_yaml(tmp_path, f"{name}: null\n"), name) is None
+
+
 REFUSED_MODEL_NAMES = ["..", ".", ".hidden", "a/b", "a\\b", "stn:predict", "a b", "stn?x=1", "é"]
 
 

@@ -133,6 +133,15 @@ def test_cli_refuses_a_uri_data_root(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no local folder named gs:
 
 
+def test_cli_refuses_an_empty_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "--out", "", "--per-class", "1", "--copies", "1"])
+    assert exit_info.value.code == 2
+    assert "argument --out: must name a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no span-1 in the current folder
+
+
 def test_cli_rejects_an_unknown_variant(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["data", "--out", str(tmp_path), "--variant", "spiral"])
