@@ -94,7 +94,7 @@ def ensure_data(config, report, write=True):
     with `write` False, only check the paths and settings that needs (ValueError if one is bad)."""
     from pipeline import distorted_mnist, spans
 
-    check_directory(config.home_dir, "the home")
+    check_home(config)
     if config.data_root is not None:
         check_directory(config.data_dir, "the data root", must_exist=True)
         return
@@ -111,6 +111,17 @@ def ensure_data(config, report, write=True):
     spans.write_span(
         config.data_dir, span=1, canvas=config.image_size, report=lambda line: report("  " + line)
     )
+
+
+def check_home(config):
+    """Raise ValueError unless the home can be a local folder: ML Metadata's SQLite file and
+    the home's lock live there (a URI would be made a local folder of that name)."""
+    if "://" in config.home:
+        raise ValueError(
+            f"the home {config.home} is a URI; a local run needs a local folder (ML Metadata's "
+            "SQLite database and the home's lock live there)"
+        )
+    check_directory(config.home_dir, "the home")
 
 
 def _listdir(path):

@@ -60,7 +60,7 @@ def run(args):
 
     try:
         config = run_cmd.config_from_args(args)
-        check_directory(config.home_dir, "the home")
+        run_cmd.check_home(config)
         check_directory(config.data_dir, "the data root", must_exist=True)
         watch = watcher.Watcher(
             config.home_dir,

@@ -46,6 +46,13 @@ def test_a_file_in_the_way_of_a_folder_is_named(tmp_path, a_file, capsys, argv, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("command", [["run"], ["watch", "--once", "--data-root", "."]])
+def test_a_local_run_refuses_a_uri_home(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    refused([*command, "--home", "gs://bucket/stn"], capsys, "the home gs://bucket/stn is a URI")
+    assert list(tmp_path.iterdir()) == []  # no local folder gs:/bucket/stn holding a lock
+
+
 def test_an_image_size_too_small_for_the_default_data_is_the_config_field(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("image_size: 10\n")
