@@ -86,7 +86,9 @@ def run(args):
     except watcher.WatchStateError as error:
         print(f"stn-pipeline watch: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # how a watcher is ended; a single run interrupted exits 130
+        if args.once:
+            raise
         report("stopped")
     except Exception as error:  # a failing run with --once: say why in words
         print(f"stn-pipeline watch: run failed: {type(error).__name__}: {error}", file=sys.stderr)

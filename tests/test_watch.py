@@ -496,6 +496,21 @@ def test_a_state_write_that_fails_leaves_no_temp_file_and_the_old_state(tmp_path
     assert state.last_trained_span() == 1
 
 
+def test_an_interrupted_watch_once_exits_130_not_0(setup, monkeypatch, capsys):
+    from pipeline import local_runner
+
+    home, data, _, _, _ = setup
+    _span(data, 1)
+
+    def interrupted(pipeline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_runner, "run_local", interrupted)
+    argv = ["watch", "--once", "--home", str(home), "--data-root", str(data)]
+    assert cli.main(argv) == 130
+    assert "stn-pipeline watch: interrupted" in capsys.readouterr().err
+
+
 def test_a_failed_watch_run_prints_its_summary_naming_the_failed_component(tmp_path, capsys):
     data = tmp_path / "data"
     (data / "span-1").mkdir(parents=True)  # a span with no images: ImageExampleGen fails
