@@ -295,8 +295,9 @@ _FIELD_TYPES = typing.get_type_hints(PipelineConfig)
 
 
 def _absolute(path):
-    """`path` made absolute, unless it is a URI with a scheme (gs://, s3://), kept as is."""
-    return path if "://" in path else os.path.abspath(path)
+    """`path` made absolute, `~` expanded as a shell would (a YAML file does not), unless it
+    is a URI with a scheme (gs://, s3://), kept as is."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _has_type(value, annotation):

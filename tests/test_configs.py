@@ -153,3 +153,11 @@ def test_help_says_a_config_files_home_comes_before_the_default(tmp_path, capsys
         cli.main([command, "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--home HOME output home (default: the config's home, else ./stn_home)" in help_text
+
+
+def test_a_home_and_data_root_under_tilde_are_the_users_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("home: ~/stn\ndata_root: ~/spans\n")
+    config = load_config(str(path))
+    assert (config.home_dir, config.data_dir) == (str(tmp_path / "stn"), str(tmp_path / "spans"))
