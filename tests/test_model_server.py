@@ -277,17 +277,35 @@ def raw_exchange(server, request_bytes):
     return b"".join(chunks)
 
 
+@pytest.fixture
+def unhandled(served_first, monkeypatch):
+    """The errors that reach socketserver's handle_error, which prints them as tracebacks."""
+    errors = []
+    monkeypatch.setattr(served_first, "handle_error", lambda *args: errors.append(args))
+    return errors
+
+
+def connect(server, reset):
+    """A connection to `server`; with `reset`, one that closes with a TCP reset, not a FIN."""
+    connection = socket.create_connection(server.server_address[:2])
+    if reset:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return connection
+
+
+def assert_served_on_quietly(server, pngs, unhandled, caplog):
+    """No traceback and no warning was logged, and the server still answers."""
+    assert unhandled == []
+    assert all(record.levelno < logging.WARNING for record in caplog.records), caplog.text
+    assert predict_classes(server, pngs[:1]).shape == (1,)
+
+
 @pytest.mark.parametrize("reset", [False, True])
 def test_a_client_that_leaves_mid_body_is_a_log_line_not_a_traceback(
-    served_first, pngs, monkeypatch, caplog, reset
+    served_first, pngs, unhandled, caplog, reset
 ):
-    unhandled = []
-    monkeypatch.setattr(served_first, "handle_error", lambda *args: unhandled.append(args))
-    host, port = served_first.server_address[:2]
     with caplog.at_level(logging.DEBUG, logger="pipeline.model_server"):
-        with socket.create_connection((host, port)) as connection:
-            if reset:  # close with a TCP reset, not a FIN
-                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with connect(served_first, reset) as connection:
             connection.sendall(
                 b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000"
                 b"\r\n\r\n0123456789"
@@ -297,21 +315,15 @@ def test_a_client_that_leaves_mid_body_is_a_log_line_not_a_traceback(
         noticed = "closed the connection" if reset else '" 400 '
         wait_until(lambda: noticed in caplog.text, "the server to notice")
         time.sleep(0.2)  # for the answer's writes to end
-    assert unhandled == []
-    assert all(record.levelno < logging.WARNING for record in caplog.records), caplog.text
-    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+    assert_served_on_quietly(served_first, pngs, unhandled, caplog)
 
 
 @pytest.mark.parametrize("answered", [False, True])
 def test_a_client_that_resets_mid_headers_or_between_requests_is_no_traceback(
-    served_first, pngs, monkeypatch, caplog, answered
+    served_first, pngs, unhandled, caplog, answered
 ):
-    unhandled = []
-    monkeypatch.setattr(served_first, "handle_error", lambda *args: unhandled.append(args))
-    host, port = served_first.server_address[:2]
     with caplog.at_level(logging.DEBUG, logger="pipeline.model_server"):
-        connection = socket.create_connection((host, port))
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection = connect(served_first, reset=True)
         connection.sendall(b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\n")
         if answered:  # the request ends and is answered; the kept-alive connection idles
             connection.sendall(b"\r\n")
@@ -319,9 +331,7 @@ def test_a_client_that_resets_mid_headers_or_between_requests_is_no_traceback(
         time.sleep(0.2)  # the server waits for more of the request (or the next one)
         connection.close()  # a TCP reset
         time.sleep(0.5)  # for the server to read it
-    assert unhandled == []
-    assert all(record.levelno < logging.WARNING for record in caplog.records), caplog.text
-    assert predict_classes(served_first, pngs[:1]).shape == (1,)
+    assert_served_on_quietly(served_first, pngs, unhandled, caplog)
 
 
 def test_oversized_request_is_refused_before_its_body_is_sent(served_first, pngs):
