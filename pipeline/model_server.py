@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -311,6 +312,8 @@ class ModelServer(ThreadingHTTPServer):
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if ":" in address[0]:  # an IPv6 address ("::" for all of them)
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.endpoints = ModelEndpoints(repository)
         self.repository = repository
@@ -326,7 +329,7 @@ class ModelServer(ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start_polling(self):
         self._spawn(self.repository.poll_forever, self.poll_seconds, self._stop_polling)

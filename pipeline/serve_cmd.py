@@ -54,7 +54,9 @@ def register(subparsers):
         "--home", default=PipelineConfig.home, help="output home (default: %(default)s)"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on, IPv4 or IPv6 (0.0.0.0 or :: for all; default: %(default)s)",
     )
     parser.add_argument(
         "--port",

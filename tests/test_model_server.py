@@ -395,6 +395,29 @@ def test_headers_trickled_slower_than_the_timeout_allows_are_cut_off(served_firs
     assert answer and seconds < 3, (seconds, answer)
 
 
+def _ipv6_loopback():
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_the_server_listens_on_an_ipv6_address(tmp_path, models, pngs):
+    push(str(tmp_path / "stn"), 1, models["first"][0])
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    server = ModelServer(repository, address=("::1", 0))
+    server.start()
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert predict_classes(server, pngs[:2]).shape == (2,)
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     "setting", ["poll_seconds", "max_request_bytes", "request_timeout_seconds", "drain_seconds"]
 )
