@@ -30,6 +30,7 @@ import re
 
 import yaml
 
+from pipeline.configs import ConfigDumper
 from pipeline.kubeflow_runner import check_package_path
 
 HOME_CLAIM = "stn-pipeline-root"
@@ -87,7 +88,9 @@ def config_text(config):
     """
     values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     values["beam_args"] = list(config.beam_args)
-    text = yaml.safe_dump(values, default_flow_style=True, width=math.inf, allow_unicode=False)
+    text = yaml.dump(
+        values, Dumper=ConfigDumper, default_flow_style=True, width=math.inf, allow_unicode=False
+    )
     return text.strip()
 
 

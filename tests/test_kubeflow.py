@@ -214,7 +214,7 @@ def test_kubernetes_workers_must_see_the_steps_home(tmp_path, capsys, home, clai
     )
 
 
-def test_the_carried_config_survives_floats_escapes_and_characters_beyond_ascii():
+def test_the_carried_config_survives_floats_escapes_and_characters_beyond_ascii(tmp_path):
     from pipeline.kubeflow_watch import config_text
 
     config = PipelineConfig(
@@ -223,10 +223,14 @@ def test_the_carried_config_survives_floats_escapes_and_characters_beyond_ascii(
         regression_tolerance=1e-6,
         equivariance_weight=1e20,
         beam_args=("--job_name=a b", "--x='y'"),
+        model_name="1e5",  # a string a config file reads as a number unless it is quoted
     )
     text = config_text(config)
     assert "\n" not in text and text.isascii()
     assert PipelineConfig(**yaml.safe_load(text)) == config
+    config_file = tmp_path / "carried.yaml"
+    config_file.write_text(text)
+    assert load_config(str(config_file)) == config
 
 
 @pytest.mark.parametrize(
