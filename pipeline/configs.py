@@ -404,7 +404,7 @@ class ConfigDumper(yaml.SafeDumper):
 for _class in (_ConfigLoader, ConfigDumper):
     _class.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
         list("-+0123456789."),
     )
 

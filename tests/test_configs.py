@@ -42,6 +42,8 @@ def test_numbers_in_e_notation_are_numbers(tmp_path, text, value):
     assert load_yaml(tmp_path, f"learning_rate: {text}\nepochs: 2\n").learning_rate == value
     with pytest.raises(ValueError, match="'learning_rate' must be a finite number, got inf"):
         load_yaml(tmp_path, "learning_rate: 1e400\n")
+    with pytest.raises(ValueError, match=r"'learning_rate' must be a finite number, got '\._e5'"):
+        load_yaml(tmp_path, "learning_rate: ._e5\n")  # no digit: a string, as YAML 1.2 reads it
 
 
 def test_a_seed_tensorflow_refuses_is_refused_before_the_trainer_would(tmp_path):
