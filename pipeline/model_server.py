@@ -15,6 +15,7 @@ PATCH and OPTIONS are answered 405 with an `Allow` header; every error body is
 `{"error": "..."}`, Python's own refusals (a malformed request, an unknown method) included.
 A request must arrive whole within `request_timeout_seconds` (60) of its first byte, and a
 kept-alive connection is closed after as long without one: a slow client cannot hold a thread.
+Past `max_connections` (256) open at once, a new connection is answered 503 and closed.
 """
 
 import contextlib
@@ -285,6 +286,15 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
 
+_BUSY_BODY = json.dumps({"error": "too many connections; retry"}).encode()
+_BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+
+
 class ModelServer(ThreadingHTTPServer):
     """The HTTP server plus a thread that polls the model directory for new versions.
 
@@ -303,12 +313,14 @@ class ModelServer(ThreadingHTTPServer):
         max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
         request_timeout_seconds=60.0,
         drain_seconds=20.0,
+        max_connections=256,
     ):
         for name, value in (
             ("poll_seconds", poll_seconds),
             ("max_request_bytes", max_request_bytes),
             ("request_timeout_seconds", request_timeout_seconds),
             ("drain_seconds", drain_seconds),
+            ("max_connections", max_connections),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -321,10 +333,31 @@ class ModelServer(ThreadingHTTPServer):
         self.max_request_bytes = max_request_bytes
         self.request_timeout_seconds = request_timeout_seconds
         self.drain_seconds = drain_seconds
+        self._connections = threading.BoundedSemaphore(max_connections)  # one per thread
         self._answering = 0  # requests being answered now
         self._answered = threading.Condition()
         self._stop_polling = threading.Event()
         self._background_threads = []
+
+    def process_request(self, request, client_address):
+        """Serve the connection in a thread of its own; past `max_connections` open at once,
+        answer 503 and close it instead, so that a flood of clients cannot take every thread."""
+        if not self._connections.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY_ANSWER)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started to give the place back
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     @property
     def url(self):

@@ -419,11 +419,43 @@ def test_the_server_listens_on_an_ipv6_address(tmp_path, models, pngs):
 
 
 @pytest.mark.parametrize(
-    "setting", ["poll_seconds", "max_request_bytes", "request_timeout_seconds", "drain_seconds"]
+    "setting",
+    [
+        "poll_seconds",
+        "max_request_bytes",
+        "request_timeout_seconds",
+        "drain_seconds",
+        "max_connections",
+    ],
 )
 def test_server_settings_must_be_positive(tmp_path, setting):
     with pytest.raises(ValueError, match=setting):
         ModelServer(ModelRepository(str(tmp_path), "stn"), **{setting: 0})
+
+
+def test_connections_past_the_limit_get_503_until_one_closes(tmp_path, models, pngs):
+    push(str(tmp_path / "stn"), 1, models["first"][0])
+    repository = ModelRepository(str(tmp_path), "stn")
+    repository.poll()
+    server = ModelServer(repository, max_connections=2)
+    server.start()
+    status = b"GET /v1/models/stn HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        held = [socket.create_connection(server.server_address[:2]) for _ in range(2)]
+        for connection in held:  # answered, then kept alive: each holds a server thread
+            connection.sendall(status)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        once = status.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        answer = raw_exchange(server, once)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+        assert json.loads(body) == {"error": "too many connections; retry"}
+        held.pop().close()
+        wait_until(lambda: raw_exchange(server, once).startswith(b"HTTP/1.1 200"), "a place")
+        for connection in held:
+            connection.close()
+    finally:
+        server.stop()
 
 
 def test_stop_returns_once_the_requests_being_answered_are(tmp_path, models, pngs):
