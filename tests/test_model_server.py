@@ -363,8 +363,8 @@ def test_stalled_body_times_out_with_408(served_first, pngs):
 
 
 def trickle(server, head, drip, seconds=5.0):
-    """(seconds until the server answered or closed, its answer): `head`, then a byte of
-    `drip` every 0.25 s for up to `seconds` (each byte well within the 1 s timeout)."""
+    """The server's answer (b"closed" if it closed, b"" if neither within `seconds`) to `head`,
+    then a byte of `drip` every 0.25 s (each byte well within the 1 s timeout)."""
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=30) as connection:
         connection.sendall(head)
@@ -379,20 +379,18 @@ def trickle(server, head, drip, seconds=5.0):
                 continue
             except OSError:
                 answer = b"closed"
-        return time.monotonic() - started, answer
+        return answer
 
 
 def test_a_body_trickled_slower_than_the_timeout_allows_gets_408(served_first):
     # A byte every 0.25 s never stalls a read for 1 s; the whole body must come within 1 s.
     head = b"POST /v1/models/stn:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-    seconds, answer = trickle(served_first, head, b" ")
-    assert answer.startswith(b"HTTP/1.1 408") and seconds < 3, (seconds, answer)
+    assert trickle(served_first, head, b" ").startswith(b"HTTP/1.1 408")
 
 
 def test_headers_trickled_slower_than_the_timeout_allows_are_cut_off(served_first):
     head = b"GET /v1/models/stn HTTP/1.1\r\nX-Slow: "
-    seconds, answer = trickle(served_first, head, b"x")
-    assert answer and seconds < 3, (seconds, answer)
+    assert trickle(served_first, head, b"x")  # cut off, where a timeout per read never is
 
 
 def _ipv6_loopback():
